@@ -1,0 +1,144 @@
+"""How the kernels walk B×C×H×W tensors of any memory format, and the tiles of the elementwise passes.
+
+Every tensor reaches a kernel as a base pointer plus its four strides (batch, channel, row, column), so NCHW,
+channels-last, sliced and broadcast (stride-0) tensors are all read in place; nothing is made contiguous.  When
+a tensor's rows and columns collapse into one spatial stride (true for NCHW, channels-last and most slices),
+the kernels use that single stride, which lets Triton prove unit-stride runs and vectorise the accesses; the
+general (row, column) split costs one division per tile column, never per element.
+
+An elementwise pass is tiled per sample into [BLOCK_C, BLOCK_S] tiles of (channel, spatial position); the tile is
+long along whichever axis is contiguous in the output (positions for NCHW, channels for channels-last).
+Grid: axis 0 = sample × spatial block, axis 1 = channel block.  Reductions write one partial per program into a
+buffer indexed by those coordinates and are finished by a deterministic sum (no atomics).
+
+Tensors of 2 or 3 dims, (B, C) and (B, C, L), are handled as (B, C, 1, 1) and (B, C, L, 1) views.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kernels._common import interpreter_enabled, memory_format_of, new_output
+from kernels._triton import tl, triton
+
+# Elements per tile: large in the interpreter, where every program costs about a millisecond.
+GPU_TILE_ELEMENTS = 2048
+INTERPRETER_TILE_ELEMENTS = 16384
+INT32_LIMIT = 2 ** 31
+
+
+def as_bchw(t: torch.Tensor, name: str, op: str) -> torch.Tensor:
+    """A 4-D view of a (B, C), (B, C, L) or (B, C, H, W) tensor; other ranks are refused."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 3:
+        return t.unsqueeze(-1)
+    if t.dim() == 2:
+        return t[:, :, None, None]
+    raise ValueError(f"{op}: {name} must have 2, 3 or 4 dims (B, C[, H[, W]]), got shape {tuple(t.shape)}")
+
+
+def spatial_stride(t: torch.Tensor) -> int | None:
+    """The one stride that walks the H×W positions of ``t`` in row-major order, or None if there is none."""
+    _, _, height, width = t.shape
+    stride_h, stride_w = t.stride(2), t.stride(3)
+    if height == 1:
+        return stride_w
+    if width == 1:
+        return stride_h
+    return stride_w if stride_h == width * stride_w else None
+
+
+def spatially_mergeable(*tensors: torch.Tensor) -> bool:
+    return all(spatial_stride(t) is not None for t in tensors)
+
+
+def strides_bchw(t: torch.Tensor, merged: bool) -> tuple[int, int, int, int]:
+    """(batch, channel, row, column) strides; with ``merged`` the spatial stride goes in the column slot."""
+    if merged:
+        return t.stride(0), t.stride(1), 0, spatial_stride(t)
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+class TilePlan(NamedTuple):
+    """Launch geometry of an elementwise pass over a B×C×S tensor (S = H·W)."""
+    block_c: int
+    block_s: int
+    num_s_blocks: int
+    num_c_blocks: int
+    grid: tuple[int, int]
+    num_warps: int
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def plan_tiles(out: torch.Tensor) -> TilePlan:
+    """Tiles for a pass that writes ``out`` (4-D); long along the axis that is contiguous in ``out``."""
+    batch, channels, height, width = out.shape
+    positions = height * width
+    budget = INTERPRETER_TILE_ELEMENTS if interpreter_enabled() else GPU_TILE_ELEMENTS
+    channels_contiguous = out.stride(1) == 1 and channels > 1
+    if channels_contiguous:
+        block_c = min(_next_power_of_2(channels), budget)
+        block_s = max(1, min(_next_power_of_2(positions), budget // block_c))
+    else:
+        block_s = min(_next_power_of_2(positions), budget)
+        block_c = max(1, min(_next_power_of_2(channels), budget // block_s))
+    num_s_blocks = -(-positions // block_s)
+    num_c_blocks = -(-channels // block_c)
+    num_warps = 4 if block_c * block_s <= 2048 else 8
+    return TilePlan(block_c, block_s, num_s_blocks, num_c_blocks, (batch * num_s_blocks, num_c_blocks), num_warps)
+
+
+def check_index_range(op: str, t: torch.Tensor) -> None:
+    """Kernels index elements (and noise) with 32-bit logical indices."""
+    if t.numel() >= INT32_LIMIT:
+        raise ValueError(f"{op}: tensors of {t.numel()} elements are too large for the Triton backend "
+                         f"(limit {INT32_LIMIT - 1}); split the batch or use backend='torch'")
+
+
+@triton.jit
+def tile_coordinates(C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's sample, spatial-block index, channel and position vectors, and the in-bounds mask."""
+    num_s_blocks = tl.cdiv(S, BLOCK_S)
+    pid = tl.program_id(0)
+    sample = pid // num_s_blocks
+    s_block = pid % num_s_blocks
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    positions = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (channels < C)[:, None] & (positions < S)[None, :]
+    return sample, s_block, channels, positions, mask
+
+
+@triton.jit
+def spatial_offsets(positions, W, stride_h, stride_w, MERGED_HW: tl.constexpr):
+    """Offsets of spatial positions (row-major over H×W); with MERGED_HW, stride_w is the one spatial stride."""
+    if MERGED_HW:
+        return positions.to(tl.int64) * stride_w
+    return (positions // W).to(tl.int64) * stride_h + (positions % W).to(tl.int64) * stride_w
+
+
+@triton.jit
+def tile_offsets(sample, channels, positions, W, stride_b, stride_c, stride_h, stride_w, MERGED_HW: tl.constexpr):
+    """Element offsets of the [channels × positions] tile of one sample."""
+    spatial = spatial_offsets(positions, W, stride_h, stride_w, MERGED_HW)
+    return sample.to(tl.int64) * stride_b + (channels.to(tl.int64) * stride_c)[:, None] + spatial[None, :]
+
+
+@triton.jit
+def row_offsets(rows, S, W, stride_b, stride_h, stride_w, MERGED_HW: tl.constexpr):
+    """Offsets of GEMM rows m = b·S + s (a B×H×W position each), without the channel term."""
+    return (rows // S).to(tl.int64) * stride_b + spatial_offsets(rows % S, W, stride_h, stride_w, MERGED_HW)
+
+
+def new_output_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A kernel output shaped like ``t`` in ``t``'s memory format (NaN-filled under the poison flag)."""
+    return new_output(t.shape, like=t, dtype=dtype, memory_format=memory_format_of(t))
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The kernels compute in fp32 (fp64 for fp64 inputs, which only the verification tests use)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
