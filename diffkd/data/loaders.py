@@ -1,0 +1,122 @@
+"""DataLoaders for training and evaluation, epoch-keyed shuffling, and deterministic subsets.
+
+Training order and augmentation are pure functions of (seed, epoch): call `loader.sampler.set_epoch(epoch)`
+before every epoch, with or without DDP. The sampler forwards the epoch to the dataset's `set_epoch`, which
+selects its augmentation draws. Workers are not persistent, so each epoch's workers see the current epoch.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Shuffles with a generator seeded by `seed + epoch` and shards the permutation across ranks (padding the
+    last rank's share by repetition, as DistributedSampler does); `set_epoch` also reaches the dataset."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._last_iterated_epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._last_iterated_epoch == self.epoch:
+            warnings.warn(f"training sampler iterated twice at epoch {self.epoch}: the order and augmentation repeat. "
+                          f"Call loader.sampler.set_epoch(epoch) before every epoch.", stacklevel=2)
+        self._last_iterated_epoch = self.epoch
+        return super().__iter__()
+
+
+class ShardSampler(Sampler[int]):
+    """In-order evaluation shard: rank r gets indices r, r + R, r + 2R, ... Nothing is padded or dropped, so
+    across ranks every sample is seen exactly once (all-reduce metric sums and counts, not per-rank means)."""
+
+    def __init__(self, num_samples: int, *, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
+        self.num_samples, self.num_replicas, self.rank = num_samples, num_replicas, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.num_replicas))
+
+
+def _world() -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("build_loader(distributed=True) needs an initialised torch.distributed process group "
+                         "(launch with torchrun and call torch.distributed.init_process_group first)")
+    return dist.get_world_size(), dist.get_rank()
+
+
+def build_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int = 0,
+                 distributed: bool = False, seed: int = 0, drop_last: bool | None = None,
+                 pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader for training (shuffled, epoch-keyed, last incomplete batch dropped) or evaluation (in order,
+    every sample once). With `distributed=True` each rank reads its own shard of the dataset.
+
+    `drop_last` defaults to `train`: DiffKD's BatchNorm layers need at least 2 samples per batch. `pin_memory`
+    defaults to whether CUDA is available.
+    """
+    minimum_batch = 2 if train else 1
+    if batch_size < minimum_batch:
+        reason = " (DiffKD's BatchNorm layers need at least 2 samples per batch)" if train else ""
+        raise ValueError(f"batch_size must be >= {minimum_batch} for a {'training' if train else 'evaluation'} "
+                         f"loader{reason}, got {batch_size}")
+    if len(dataset) == 0:
+        raise ValueError(f"the {'training' if train else 'evaluation'} dataset is empty: {dataset!r}")
+    drop_last = train if drop_last is None else drop_last
+    num_replicas, rank = _world() if distributed else (1, 0)
+    if train:
+        sampler: Sampler[int] = EpochShuffleSampler(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
+    else:
+        sampler = ShardSampler(len(dataset), num_replicas=num_replicas, rank=rank)
+    if drop_last and len(sampler) < batch_size:
+        per_rank = f" ({len(sampler)} per rank across {num_replicas} ranks)" if num_replicas > 1 else ""
+        raise ValueError(f"the dataset has {len(dataset)} samples{per_rank}, fewer than one batch of {batch_size}: "
+                         f"dropping the incomplete last batch would leave no batch at all. Use a smaller batch "
+                         f"size or more samples.")
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        # Only seeds the workers' base seed, so that iterating never draws from the global RNG.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
+    """A deterministic n-sample subset for smoke runs and demos.
+
+    Class-balanced when the dataset has `targets` (class counts differ by at most one, or a class is taken
+    whole when it has too few samples); indices are kept in ascending order. Datasets with `select` (the
+    in-memory ones and ImageFolder) return their own type, so augmentation and `set_epoch` keep working;
+    others are wrapped in torch's Subset.
+    """
+    size = len(dataset)
+    if not 1 <= n <= size:
+        raise ValueError(f"subset size must be in 1..{size} (the dataset's size), got {n}")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        shuffled_targets = torch.as_tensor(targets, dtype=torch.long)[order]
+        sorted_targets, by_class = torch.sort(shuffled_targets, stable=True)
+        counts = torch.bincount(sorted_targets)
+        class_starts = torch.cumsum(counts, 0) - counts
+        rank_in_class = torch.empty_like(by_class)
+        rank_in_class[by_class] = torch.arange(size) - class_starts[sorted_targets]
+        # Round-robin over classes: every class's k-th sample comes before any class's (k+1)-th.
+        order = order[torch.argsort(rank_in_class * size + torch.arange(size))]
+    chosen = torch.sort(order[:n]).values
+    if hasattr(dataset, "select"):
+        return dataset.select(chosen)
+    return Subset(dataset, chosen.tolist())
+
