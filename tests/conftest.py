@@ -9,6 +9,9 @@ os.environ.pop("DIFFKD_BACKEND", None)  # the tests choose backends explicitly
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tests use tiny tensors: a second OpenMP thread only adds contention on a 2-core machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
