@@ -146,8 +146,8 @@ class DiffKDHead(nn.Module):
         self.kd_weight, self.diffusion_weight, self.ae_weight = kd_weight, diffusion_weight, ae_weight
         # Python floats: they go into the kernels by value (and into CUDA graphs as constants).
         self._step_a, self._step_b = step_a.tolist(), step_b.tolist()
-        self.register_buffer("chain_timesteps", self.schedule.timesteps(inference_steps, timestep_start),
-                             persistent=False)
+        # Host ints: indexing the embedding table with them needs no device synchronisation.
+        self.chain_timesteps = tuple(self.schedule.timesteps(inference_steps, timestep_start).tolist())
         self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod.clone(), persistent=False)
 
         self.use_ae = use_ae
@@ -173,7 +173,7 @@ class DiffKDHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, "
                 f"width={self.width}, kernel_size={self.kernel_size}, use_ae={self.use_ae}, "
-                f"inference_steps={self.inference_steps}, timesteps={self.chain_timesteps.tolist()}, "
+                f"inference_steps={self.inference_steps}, timesteps={list(self.chain_timesteps)}, "
                 f"use_anm={self.use_anm}, distance={self.distance!r}, backend={self.backend!r}")
 
     # ---- input handling --------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class DiffKDHead(nn.Module):
     def denoise(self, x: torch.Tensor) -> torch.Tensor:
         """The deterministic DDIM chain x_T → x_0 with Φ, each step the fused affine x ← A·x + B·ε̂."""
         table = self.model.time_embedding.weight
-        steps = self.chain_timesteps.tolist()
+        steps = self.chain_timesteps
         model_input = x + table[steps[0]].to(x.dtype)[:, None, None]
         for k, (a, b) in enumerate(zip(self._step_a, self._step_b)):
             eps = self.model.pred(model_input).to(x.dtype)

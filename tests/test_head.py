@@ -172,7 +172,7 @@ def test_without_anm_the_chain_starts_from_the_student():
 
 def test_paper_start_evaluates_500_first():
     head = DiffKDHead(4, 8, timestep_start="paper")
-    assert head.chain_timesteps.tolist() == [500, 400, 300, 200, 100]
+    assert head.chain_timesteps == (500, 400, 300, 200, 100)
     out = head(torch.randn(2, 4, 3, 3), torch.randn(2, 8, 3, 3))
     assert torch.isfinite(out["loss"])
 
