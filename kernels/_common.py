@@ -7,10 +7,11 @@ the PyTorch reference otherwise).  "auto" never selects Triton's CPU interpreter
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
+
+from kernels._triton import TRITON_AVAILABLE
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "DIFFKD_BACKEND"
@@ -23,14 +24,9 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # any import failure (missing package, broken install) means: no Triton backend
-        return False
-    return True
+    # Decided once, at import (kernels._triton); a plain global keeps this traceable by torch.compile.
+    return TRITON_AVAILABLE
 
 
 def validate_backend_name(backend: str | None) -> str:

@@ -6,10 +6,12 @@ a tensor's rows and columns collapse into one spatial stride (true for NCHW, cha
 the kernels use that single stride, which lets Triton prove unit-stride runs and vectorise the accesses; the
 general (row, column) split costs one division per tile column, never per element.
 
-An elementwise pass is tiled per sample into [BLOCK_C, BLOCK_S] tiles of (channel, spatial position); the tile is
-long along whichever axis is contiguous in the output (positions for NCHW, channels for channels-last).
-Grid: axis 0 = sample × spatial block, axis 1 = channel block.  Reductions write one partial per program into a
-buffer indexed by those coordinates and are finished by a deterministic sum (no atomics).
+The kernels see a tensor as a matrix: channels × "rows", where row m = b·H·W + s is one position of one sample
+(the GEMM's M dimension).  An elementwise pass is tiled into [BLOCK_C, BLOCK_R] tiles, long along whichever axis
+is contiguous in the output (rows for NCHW, channels for channels-last); a tile may span several samples, so
+per-sample values (γ, t) are gathered per row.  Grid: axis 0 = row block, axis 1 = channel block.  Reductions
+write one partial per program (or per program and row) into a buffer indexed by those coordinates and are
+finished by a deterministic sum — no atomics.
 
 Tensors of 2 or 3 dims, (B, C) and (B, C, L), are handled as (B, C, 1, 1) and (B, C, L, 1) views.
 """
@@ -22,7 +24,7 @@ import torch
 from kernels._common import interpreter_enabled, memory_format_of, new_output
 from kernels._triton import tl, triton
 
-# Elements per tile: large in the interpreter, where every program costs about a millisecond.
+# Elements per tile: large in the interpreter, where every program costs milliseconds.
 GPU_TILE_ELEMENTS = 2048
 INTERPRETER_TILE_ELEMENTS = 16384
 INT32_LIMIT = 2 ** 31
@@ -61,12 +63,21 @@ def strides_bchw(t: torch.Tensor, merged: bool) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+def optional_strides(t: torch.Tensor | None, merged: bool) -> tuple[int, int, int, int]:
+    """Strides of an optional tensor; zeros stand in for one that is absent (the kernel never reads it)."""
+    return strides_bchw(t, merged) if t is not None else (0, 0, 0, 0)
+
+
+def matrix_sizes(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(C, R, S, W) of a 4-D tensor seen as a channels × rows matrix: R = B·H·W rows, S = H·W, W."""
+    batch, channels, height, width = t.shape
+    return channels, batch * height * width, height * width, width
+
+
 class TilePlan(NamedTuple):
-    """Launch geometry of an elementwise pass over a B×C×S tensor (S = H·W)."""
+    """Launch geometry of an elementwise pass over a C × (B·H·W) matrix."""
     block_c: int
-    block_s: int
-    num_s_blocks: int
-    num_c_blocks: int
+    block_r: int
     grid: tuple[int, int]
     num_warps: int
 
@@ -78,19 +89,16 @@ def _next_power_of_2(n: int) -> int:
 def plan_tiles(out: torch.Tensor) -> TilePlan:
     """Tiles for a pass that writes ``out`` (4-D); long along the axis that is contiguous in ``out``."""
     batch, channels, height, width = out.shape
-    positions = height * width
+    rows = batch * height * width
     budget = INTERPRETER_TILE_ELEMENTS if interpreter_enabled() else GPU_TILE_ELEMENTS
-    channels_contiguous = out.stride(1) == 1 and channels > 1
-    if channels_contiguous:
+    if out.stride(1) == 1 and channels > 1:  # channels contiguous (channels-last)
         block_c = min(_next_power_of_2(channels), budget)
-        block_s = max(1, min(_next_power_of_2(positions), budget // block_c))
+        block_r = max(1, min(_next_power_of_2(rows), budget // block_c))
     else:
-        block_s = min(_next_power_of_2(positions), budget)
-        block_c = max(1, min(_next_power_of_2(channels), budget // block_s))
-    num_s_blocks = -(-positions // block_s)
-    num_c_blocks = -(-channels // block_c)
-    num_warps = 4 if block_c * block_s <= 2048 else 8
-    return TilePlan(block_c, block_s, num_s_blocks, num_c_blocks, (batch * num_s_blocks, num_c_blocks), num_warps)
+        block_r = min(_next_power_of_2(rows), budget)
+        block_c = max(1, min(_next_power_of_2(channels), budget // block_r))
+    grid = (-(-rows // block_r), -(-channels // block_c))
+    return TilePlan(block_c, block_r, grid, 4 if block_c * block_r <= 2048 else 8)
 
 
 def check_index_range(op: str, t: torch.Tensor) -> None:
@@ -101,37 +109,34 @@ def check_index_range(op: str, t: torch.Tensor) -> None:
 
 
 @triton.jit
-def tile_coordinates(C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """This program's sample, spatial-block index, channel and position vectors, and the in-bounds mask."""
-    num_s_blocks = tl.cdiv(S, BLOCK_S)
-    pid = tl.program_id(0)
-    sample = pid // num_s_blocks
-    s_block = pid % num_s_blocks
+def tile_coordinates(C, R, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's channel and row vectors and the in-bounds mask of its [BLOCK_C, BLOCK_R] tile."""
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    positions = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = (channels < C)[:, None] & (positions < S)[None, :]
-    return sample, s_block, channels, positions, mask
-
-
-@triton.jit
-def spatial_offsets(positions, W, stride_h, stride_w, MERGED_HW: tl.constexpr):
-    """Offsets of spatial positions (row-major over H×W); with MERGED_HW, stride_w is the one spatial stride."""
-    if MERGED_HW:
-        return positions.to(tl.int64) * stride_w
-    return (positions // W).to(tl.int64) * stride_h + (positions % W).to(tl.int64) * stride_w
-
-
-@triton.jit
-def tile_offsets(sample, channels, positions, W, stride_b, stride_c, stride_h, stride_w, MERGED_HW: tl.constexpr):
-    """Element offsets of the [channels × positions] tile of one sample."""
-    spatial = spatial_offsets(positions, W, stride_h, stride_w, MERGED_HW)
-    return sample.to(tl.int64) * stride_b + (channels.to(tl.int64) * stride_c)[:, None] + spatial[None, :]
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = (channels < C)[:, None] & (rows < R)[None, :]
+    return channels, rows, mask
 
 
 @triton.jit
 def row_offsets(rows, S, W, stride_b, stride_h, stride_w, MERGED_HW: tl.constexpr):
-    """Offsets of GEMM rows m = b·S + s (a B×H×W position each), without the channel term."""
-    return (rows // S).to(tl.int64) * stride_b + spatial_offsets(rows % S, W, stride_h, stride_w, MERGED_HW)
+    """Offsets of rows m = b·S + s (S = H·W positions, row-major) without the channel term.
+
+    With MERGED_HW, ``stride_w`` is the tensor's one spatial stride and ``stride_h`` is unused.
+    """
+    positions = rows % S
+    if MERGED_HW:
+        spatial = positions.to(tl.int64) * stride_w
+    else:
+        spatial = (positions // W).to(tl.int64) * stride_h + (positions % W).to(tl.int64) * stride_w
+    return (rows // S).to(tl.int64) * stride_b + spatial
+
+
+@triton.jit
+def tile_offsets(channels, rows, S, W, stride_b, stride_c, stride_h, stride_w, MERGED_HW: tl.constexpr):
+    """Element offsets of the [channels × rows] tile."""
+    per_row = row_offsets(rows, S, W, stride_b, stride_h, stride_w, MERGED_HW)
+    return (channels.to(tl.int64) * stride_c)[:, None] + per_row[None, :]
+
 
 
 def new_output_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -142,3 +147,8 @@ def new_output_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
 def compute_dtype(dtype: torch.dtype):
     """The kernels compute in fp32 (fp64 for fp64 inputs, which only the verification tests use)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of reduction partials: the kernels' compute dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

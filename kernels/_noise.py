@@ -64,20 +64,20 @@ def check_noise_source(op: str, like: torch.Tensor, like_name: str, noise: torch
 
 
 @triton.jit
-def standard_normal(seed_ptr, sample, channels, positions, C, S):
-    """N(0, 1) noise for the [channels × positions] tile of one sample (see the module docstring)."""
+def standard_normal(seed_ptr, channels, rows, C, S):
+    """N(0, 1) noise for the [channels × rows] tile (see the module docstring for the index)."""
     seed = tl.load(seed_ptr)
-    index = (sample * C + channels)[:, None] * S + positions[None, :]
+    index = (channels * S)[:, None] + ((rows // S) * (C * S) + rows % S)[None, :]
     return tl.randn(seed, index)
 
 
 @triton.jit
-def noise_tile(noise_ptr, seed_ptr, sample, channels, positions, mask, C, S, W, stride_b, stride_c, stride_h, stride_w,
+def noise_tile(noise_ptr, seed_ptr, channels, rows, mask, C, S, W, stride_b, stride_c, stride_h, stride_w,
                MERGED_HW: tl.constexpr, IN_KERNEL: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
     """The noise of one tile, read from ``noise_ptr`` or drawn from the seed; zero outside ``mask``."""
     if IN_KERNEL:
-        noise = tl.where(mask, standard_normal(seed_ptr, sample, channels, positions, C, S), 0.0)
+        noise = tl.where(mask, standard_normal(seed_ptr, channels, rows, C, S), 0.0)
     else:
-        offsets = tile_offsets(sample, channels, positions, W, stride_b, stride_c, stride_h, stride_w, MERGED_HW)
+        offsets = tile_offsets(channels, rows, S, W, stride_b, stride_c, stride_h, stride_w, MERGED_HW)
         noise = tl.load(noise_ptr + offsets, mask=mask, other=0.0)
     return noise.to(COMPUTE_DTYPE)

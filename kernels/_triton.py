@@ -9,7 +9,10 @@ from __future__ import annotations
 try:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only on installs without Triton
+    TRITON_AVAILABLE = True
+except Exception:  # pragma: no cover - any import failure (missing package, broken install) means: no Triton
+    TRITON_AVAILABLE = False
+
     class _InertTriton:
         """Just enough of ``triton`` for the module-level decorators to run."""
 
@@ -28,4 +31,4 @@ except ImportError:  # pragma: no cover - exercised only on installs without Tri
     triton = _InertTriton()
     tl = None
 
-__all__ = ["triton", "tl"]
+__all__ = ["TRITON_AVAILABLE", "triton", "tl"]

@@ -13,52 +13,52 @@ import torch
 
 from kernels import reference
 from kernels._common import check_same_device_and_dtype, resolve_backend
-from kernels._layout import (as_bchw, check_index_range, compute_dtype, new_output, new_output_like, plan_tiles,
-                             spatially_mergeable, strides_bchw, tile_coordinates, tile_offsets)
+from kernels._layout import (accumulation_dtype, as_bchw, check_index_range, compute_dtype, matrix_sizes,
+                             new_output, new_output_like, optional_strides, plan_tiles, spatially_mergeable,
+                             strides_bchw, tile_coordinates, tile_offsets)
 from kernels._triton import tl, triton
 
 
 @triton.jit
-def _ddim_step_kernel(x_ptr, eps_ptr, emb_ptr, out_ptr, next_input_ptr, a, b, C, S, W,
+def _ddim_step_kernel(x_ptr, eps_ptr, emb_ptr, out_ptr, next_input_ptr, a, b, C, R, S, W,
                       x_sb, x_sc, x_sh, x_sw, e_sb, e_sc, e_sh, e_sw, emb_stride,
                       o_sb, o_sc, o_sh, o_sw, n_sb, n_sc, n_sh, n_sw,
                       WITH_EMBEDDING: tl.constexpr, MERGED_HW: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    sample, _, channels, positions, mask = tile_coordinates(C, S, BLOCK_C, BLOCK_S)
-    x = tl.load(x_ptr + tile_offsets(sample, channels, positions, W, x_sb, x_sc, x_sh, x_sw, MERGED_HW), mask=mask)
-    eps = tl.load(eps_ptr + tile_offsets(sample, channels, positions, W, e_sb, e_sc, e_sh, e_sw, MERGED_HW),
-                  mask=mask)
+                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    channels, rows, mask = tile_coordinates(C, R, BLOCK_C, BLOCK_R)
+    x = tl.load(x_ptr + tile_offsets(channels, rows, S, W, x_sb, x_sc, x_sh, x_sw, MERGED_HW), mask=mask)
+    eps = tl.load(eps_ptr + tile_offsets(channels, rows, S, W, e_sb, e_sc, e_sh, e_sw, MERGED_HW), mask=mask)
     x_prev = a * x.to(COMPUTE_DTYPE) + b * eps.to(COMPUTE_DTYPE)
-    out_offsets = tile_offsets(sample, channels, positions, W, o_sb, o_sc, o_sh, o_sw, MERGED_HW)
+    out_offsets = tile_offsets(channels, rows, S, W, o_sb, o_sc, o_sh, o_sw, MERGED_HW)
     tl.store(out_ptr + out_offsets, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
     if WITH_EMBEDDING:
         emb = tl.load(emb_ptr + channels * emb_stride, mask=channels < C).to(COMPUTE_DTYPE)
-        next_offsets = tile_offsets(sample, channels, positions, W, n_sb, n_sc, n_sh, n_sw, MERGED_HW)
+        next_offsets = tile_offsets(channels, rows, S, W, n_sb, n_sc, n_sh, n_sw, MERGED_HW)
         tl.store(next_input_ptr + next_offsets, (x_prev + emb[:, None]).to(next_input_ptr.dtype.element_ty),
                  mask=mask)
 
 
 @triton.jit
-def _ddim_step_backward_kernel(grad_prev_ptr, grad_next_ptr, dx_ptr, deps_ptr, demb_partial_ptr, a, b, C, S, W,
+def _ddim_step_backward_kernel(grad_prev_ptr, grad_next_ptr, dx_ptr, deps_ptr, demb_partial_ptr, a, b, C, R, S, W,
                                p_sb, p_sc, p_sh, p_sw, n_sb, n_sc, n_sh, n_sw,
                                dx_sb, dx_sc, dx_sh, dx_sw, de_sb, de_sc, de_sh, de_sw,
                                HAS_GRAD_PREV: tl.constexpr, HAS_GRAD_NEXT: tl.constexpr, MERGED_HW: tl.constexpr,
-                               COMPUTE_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    sample, _, channels, positions, mask = tile_coordinates(C, S, BLOCK_C, BLOCK_S)
-    grad = tl.zeros((BLOCK_C, BLOCK_S), dtype=COMPUTE_DTYPE)
+                               COMPUTE_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    channels, rows, mask = tile_coordinates(C, R, BLOCK_C, BLOCK_R)
+    grad = tl.zeros((BLOCK_C, BLOCK_R), dtype=COMPUTE_DTYPE)
     if HAS_GRAD_PREV:
-        prev_offsets = tile_offsets(sample, channels, positions, W, p_sb, p_sc, p_sh, p_sw, MERGED_HW)
+        prev_offsets = tile_offsets(channels, rows, S, W, p_sb, p_sc, p_sh, p_sw, MERGED_HW)
         grad += tl.load(grad_prev_ptr + prev_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     if HAS_GRAD_NEXT:
-        next_offsets = tile_offsets(sample, channels, positions, W, n_sb, n_sc, n_sh, n_sw, MERGED_HW)
+        next_offsets = tile_offsets(channels, rows, S, W, n_sb, n_sc, n_sh, n_sw, MERGED_HW)
         grad_next = tl.load(grad_next_ptr + next_offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         grad += grad_next
-        # This program's row of the d emb partials: one per (sample, spatial block), program_id(0) by construction.
+        # Row program_id(0) of the (row blocks × C) d emb partials.
         tl.store(demb_partial_ptr + tl.program_id(0).to(tl.int64) * C + channels, tl.sum(grad_next, axis=1),
                  mask=channels < C)
-    dx_offsets = tile_offsets(sample, channels, positions, W, dx_sb, dx_sc, dx_sh, dx_sw, MERGED_HW)
+    dx_offsets = tile_offsets(channels, rows, S, W, dx_sb, dx_sc, dx_sh, dx_sw, MERGED_HW)
     tl.store(dx_ptr + dx_offsets, (a * grad).to(dx_ptr.dtype.element_ty), mask=mask)
-    deps_offsets = tile_offsets(sample, channels, positions, W, de_sb, de_sc, de_sh, de_sw, MERGED_HW)
+    deps_offsets = tile_offsets(channels, rows, S, W, de_sb, de_sc, de_sh, de_sw, MERGED_HW)
     tl.store(deps_ptr + deps_offsets, (b * grad).to(deps_ptr.dtype.element_ty), mask=mask)
 
 
@@ -68,38 +68,34 @@ def _launch_forward(x, eps, a, b, emb):
     merged = spatially_mergeable(x, eps, out, next_input)
     plan = plan_tiles(out)
     _ddim_step_kernel[plan.grid](
-        x, eps, emb if emb is not None else out, out, next_input, a, b,
-        x.shape[1], x.shape[2] * x.shape[3], x.shape[3],
+        x, eps, emb if emb is not None else out, out, next_input, a, b, *matrix_sizes(x),
         *strides_bchw(x, merged), *strides_bchw(eps, merged), emb.stride(0) if emb is not None else 0,
         *strides_bchw(out, merged), *strides_bchw(next_input, merged),
         WITH_EMBEDDING=emb is not None, MERGED_HW=merged, COMPUTE_DTYPE=compute_dtype(x.dtype),
-        BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
+        BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, num_warps=plan.num_warps)
     return out, next_input
 
 
-def _launch_backward(grad_prev, grad_next, a, b, emb_dtype):
+def _launch_backward(grad_prev, grad_next, a, b):
     """dx, dε̂ and (when grad_next is given) d emb; at least one gradient must be given."""
     like = grad_prev if grad_prev is not None else grad_next
     dx, deps = new_output_like(like), new_output_like(like)
-    present = [g for g in (grad_prev, grad_next) if g is not None]
-    merged = spatially_mergeable(dx, deps, *present)
+    merged = spatially_mergeable(dx, deps, *[g for g in (grad_prev, grad_next) if g is not None])
     plan = plan_tiles(dx)
     channels = like.shape[1]
-    demb_partials = new_output((plan.grid[0], channels), like=like, dtype=torch.float32) \
+    demb_partials = new_output((plan.grid[0], channels), like=like, dtype=accumulation_dtype(like.dtype)) \
         if grad_next is not None else dx
-    unused_strides = (0, 0, 0, 0)
     _ddim_step_backward_kernel[plan.grid](
         grad_prev if grad_prev is not None else like, grad_next if grad_next is not None else like,
-        dx, deps, demb_partials, a, b, channels, like.shape[2] * like.shape[3], like.shape[3],
-        *(strides_bchw(grad_prev, merged) if grad_prev is not None else unused_strides),
-        *(strides_bchw(grad_next, merged) if grad_next is not None else unused_strides),
+        dx, deps, demb_partials, a, b, *matrix_sizes(like),
+        *optional_strides(grad_prev, merged), *optional_strides(grad_next, merged),
         *strides_bchw(dx, merged), *strides_bchw(deps, merged),
         HAS_GRAD_PREV=grad_prev is not None, HAS_GRAD_NEXT=grad_next is not None, MERGED_HW=merged,
-        COMPUTE_DTYPE=compute_dtype(like.dtype), BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
+        COMPUTE_DTYPE=compute_dtype(like.dtype), BLOCK_C=plan.block_c, BLOCK_R=plan.block_r,
         num_warps=plan.num_warps)
     if grad_next is None:
         return dx, deps, None
-    return dx, deps, demb_partials.sum(dim=0).to(emb_dtype)
+    return dx, deps, demb_partials.sum(dim=0).to(grad_next.dtype)
 
 
 # ---- operators (torch.library: eager, opcheck, torch.compile) -------------------------------------------------
@@ -126,7 +122,7 @@ def _(x, eps, a, b, emb):
 
 @torch.library.custom_op("diffkd::ddim_step_backward", mutates_args=())
 def _ddim_step_backward_op(grad: torch.Tensor, a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, deps, _ = _launch_backward(grad, None, a, b, grad.dtype)
+    dx, deps, _ = _launch_backward(grad, None, a, b)
     return dx, deps
 
 
@@ -138,7 +134,7 @@ def _(grad, a, b):
 @torch.library.custom_op("diffkd::ddim_step_embed_backward", mutates_args=())
 def _ddim_step_embed_backward_op(grad_prev: torch.Tensor | None, grad_next: torch.Tensor, a: float,
                                  b: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(grad_prev, grad_next, a, b, grad_next.dtype)
+    return _launch_backward(grad_prev, grad_next, a, b)
 
 
 @_ddim_step_embed_backward_op.register_fake

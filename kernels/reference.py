@@ -60,7 +60,9 @@ def q_sample(z0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
 
 
 def squared_error_mean(pred: torch.Tensor, target: torch.Tensor | None = None, seed=None) -> torch.Tensor:
-    """mean((pred − target)²) as a float32 scalar; with target=None the target is the seeded noise."""
+    """mean((pred − target)²) as a float32 scalar (float64 when an input is float64, so that fp64 gradient checks
+    stay exact); with target=None the target is the seeded noise."""
     if target is None:
         target = seeded_normal(pred, seed)
-    return (pred.float() - target.float()).pow(2).mean()
+    dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
+    return (pred.to(dtype) - target.to(dtype)).pow(2).mean()
