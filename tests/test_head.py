@@ -314,3 +314,14 @@ def test_check_finite_and_noise_shapes():
         head(torch.randn(2, 4, 3, 3), torch.randn(2, 8, 3, 3), blend_noise=torch.randn(2, 8, 3))
     with pytest.raises(ValueError, match=r"diffusion_t must have shape \(2,\)"):
         head(torch.randn(2, 4, 3, 3), torch.randn(2, 8, 3, 3), diffusion_t=torch.tensor([1]))
+
+
+def test_channels_last_computation_gives_the_same_values():
+    fast = DiffKDHead(6, 16, use_ae=True)
+    plain = DiffKDHead(6, 16, use_ae=True, channels_last=False)
+    plain.load_state_dict(fast.state_dict())
+    student, teacher = torch.randn(3, 6, 5, 5), torch.randn(3, 16, 5, 5)
+    a = fast(student, teacher, generator=torch.Generator().manual_seed(3))
+    b = plain(student, teacher, generator=torch.Generator().manual_seed(3))
+    for key in ("loss", "kd_loss", "diffusion_loss", "ae_loss", "denoised"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
