@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["diffkd", "diffkd.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     # triton comes with PyTorch's Linux builds and is imported lazily, only for the Triton backend.
-    install_requires=["torch>=2.4", "numpy", "timm", "pyyaml", "matplotlib"],
+    install_requires=["torch>=2.4", "torchvision", "numpy", "timm", "pyyaml", "matplotlib"],
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["diffusers"],

@@ -1,0 +1,99 @@
+"""``python -m diffkd.eval CHECKPOINT``: test accuracy of a trained student; ``--export`` writes it alone.
+
+CHECKPOINT is the ``last.pth`` / ``best.pth`` of a ``diffkd.train`` run (its settings say which dataset and
+model), or, with ``--model``, a weight file in the CIFAR benchmark's format (``{"model": state_dict}``) or any
+format :func:`diffkd.models.load_checkpoint` reads.  ``--export FILE`` writes the student of a training
+checkpoint in the benchmark's format, ready for ``--teacher-ckpt`` or the benchmark's own code.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from diffkd.data import DATASET_NAMES, build_datasets, build_loader
+from diffkd.models import create_model
+from diffkd.train import HelpFormatter, Precision, Runtime, UsageError, as_training_checkpoint, evaluate, export_student, \
+    load_checkpoint_file, setup_runtime
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m diffkd.eval", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("checkpoint", help="last.pth / best.pth of a diffkd run, or a weight file with --model")
+    parser.add_argument("--model", help="model name for a plain weight file (training checkpoints name their own)")
+    parser.add_argument("--dataset", choices=DATASET_NAMES,
+                        help="dataset to test on (default: the run's; fashion-mnist for plain weight files)")
+    parser.add_argument("--data-dir", help="dataset folder (default: the run's, or the dataset's default)")
+    parser.add_argument("-b", "--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: every core available)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
+    parser.add_argument("--export", metavar="FILE", help="write the student alone as {'model': state_dict}")
+    parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="only --export, no test pass")
+    return parser
+
+
+def _load_model(args: argparse.Namespace, info: dict, run_args: dict | None) -> torch.nn.Module:
+    name = args.model or (run_args or {}).get("student")
+    if name is None:
+        raise UsageError(f"{args.checkpoint} is a plain weight file: pass --model NAME (e.g. --model resnet8x4)")
+    try:
+        return create_model(name, num_classes=info["num_classes"], in_chans=info["in_chans"],
+                            checkpoint=args.checkpoint)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"model {name!r}: {error}") from None
+
+
+def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path}")
+    checkpoint = as_training_checkpoint(load_checkpoint_file(path), path, required=False)
+    run_args = checkpoint["args"] if checkpoint is not None else None
+    if args.export:
+        export_path = Path(args.export)
+        if checkpoint is None:
+            raise UsageError(f"--export takes the last.pth / best.pth of a diffkd run; {path} is a plain weight "
+                             f"file already")
+        if export_path.exists():
+            raise UsageError(f"--export {export_path} already exists; choose another file name (nothing was "
+                             f"overwritten)")
+        if not export_path.parent.is_dir():
+            raise UsageError(f"--export {export_path}: folder {export_path.parent} does not exist")
+        export_student(checkpoint, export_path)
+        runtime.log(f"exported the student {run_args['student']} (epoch {checkpoint['epoch']}) to {export_path}")
+    if not args.evaluate:
+        return None
+    dataset = args.dataset or (run_args or {}).get("dataset", "fashion-mnist")
+    data_dir = args.data_dir or ((run_args or {}).get("data_dir") if dataset == (run_args or {}).get("dataset")
+                                 else None)
+    try:
+        _, val_ds, info = build_datasets(dataset, data_dir)
+        loader = build_loader(val_ds, args.batch_size, train=False, distributed=runtime.distributed)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"dataset {dataset}: {error}") from None
+    model = _load_model(args, info, run_args).to(runtime.device)
+    precision = Precision(runtime.device.type, torch.bfloat16 if args.amp else None)
+    metrics = evaluate(model, loader, runtime, precision, channels_last=False)
+    epoch = f" (epoch {checkpoint['epoch']})" if checkpoint is not None else ""
+    runtime.log(f"{path}{epoch}: {dataset} test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
+                f"loss {metrics['loss']:.4f} on {len(val_ds)} images")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        run(args, setup_runtime(args.device, args.threads))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The Distiller and the methods' heads: teacher isolation, loss assembly, head attachment and SPEC §6 weights."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffkd.distill import (Distiller, FeatureRegression, LogitDistillation, MethodSettings, build_distiller,
+                            method_settings)
+from diffkd.losses import kl_div_loss
+from diffkd.models import create_model, default_taps
+from diffkd.modules import DiffKDHead
+
+MNIST_INPUT = (1, 28, 28)
+
+
+def _pair(teacher="resnet14", student="resnet8", num_classes=10, in_chans=1):
+    return (create_model(teacher, num_classes=num_classes, in_chans=in_chans),
+            create_model(student, num_classes=num_classes, in_chans=in_chans))
+
+
+def _distiller(method, teacher_name="resnet14", student_name="resnet8", input_size=MNIST_INPUT, num_classes=10,
+               dataset="fashion-mnist", log=None, **overrides):
+    teacher, student = _pair(teacher_name, student_name, num_classes, input_size[0])
+    settings = method_settings(method, dataset, **overrides)
+    return build_distiller(settings, student, teacher, student_taps=default_taps(student_name, student, input_size),
+                           teacher_taps=default_taps(teacher_name, teacher, input_size), input_size=input_size,
+                           log=log or (lambda line: None))
+
+
+def _batch(batch=4, input_size=MNIST_INPUT, num_classes=10):
+    return torch.randn(batch, *input_size), torch.randint(0, num_classes, (batch,))
+
+
+def test_teacher_is_frozen_and_invisible_to_state_dict_parameters_and_train_mode():
+    distiller = _distiller("diffkd")
+    teacher = distiller.teacher
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in distiller.parameters()}
+    assert not any(key.startswith("teacher") for key in distiller.state_dict())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    distiller.train()
+    assert distiller.student.training and distiller.heads.training and not teacher.training
+    distiller.double()  # conversions reach the teacher although it is not a submodule
+    assert next(teacher.parameters()).dtype == torch.float64
+
+
+def test_diffkd_forward_returns_every_named_term_and_every_trainable_parameter_gets_a_gradient():
+    distiller = _distiller("diffkd").train()
+    images, targets = _batch()
+    out = distiller(images, targets)
+    expected = {"loss", "logits", "ce_loss"} | {f"{head}/{term}" for head in ("feature", "logit")
+                                                 for term in ("kd_loss", "diffusion_loss", "ae_loss", "gamma")}
+    assert set(out) == expected
+    assert out["logits"].shape == (4, 10)
+    assert all(out[key].dim() == 0 for key in expected - {"logits"})
+    assert 0 < out["feature/gamma"].item() < 1
+    out["loss"].backward()
+    missing = [name for name, p in distiller.named_parameters() if p.grad is None]
+    assert missing == []
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+    assert distiller.trainable_parameters() == list(distiller.parameters())
+
+
+def test_loss_is_the_weighted_sum_of_ce_and_the_heads():
+    torch.manual_seed(0)
+    distiller = _distiller("kd").train()
+    images, targets = _batch()
+    out = distiller(images, targets)
+    with torch.no_grad():
+        teacher_logits = distiller.teacher(images)
+    student_logits = out["logits"]
+    ce = F.cross_entropy(student_logits, targets)
+    kl = kl_div_loss(student_logits, teacher_logits, temperature=4.0)
+    torch.testing.assert_close(out["ce_loss"], ce.detach())
+    torch.testing.assert_close(out["logit/kd_loss"], kl.detach())
+    torch.testing.assert_close(out["loss"], 0.1 * ce + 0.9 * kl)
+
+
+@pytest.mark.parametrize("method, head_types", [
+    ("none", {}), ("kd", {"logit": LogitDistillation}), ("dist", {"logit": LogitDistillation}),
+    ("mse", {"feature": FeatureRegression}), ("diffkd", {"feature": DiffKDHead, "logit": DiffKDHead})])
+def test_each_method_builds_its_heads_and_trains_a_step(method, head_types):
+    distiller = _distiller(method).train()
+    assert {name: type(head) for name, head in distiller.heads.items()} == head_types
+    assert (distiller.teacher is None) == (method == "none")
+    out = distiller(*_batch())
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+
+
+def test_ablation_switches_reach_the_heads():
+    distiller = _distiller("diffkd", heads="feature", anm=False, nfe=3, ae_channels=32)
+    assert list(distiller.heads) == ["feature"]
+    head = distiller.heads["feature"]
+    assert head.noise_adapter is None and head.inference_steps == 3 and head.use_ae and head.width == 32
+    logit_only = _distiller("diffkd", heads="logit", logit_distance="dist")
+    assert list(logit_only.heads) == ["logit"] and logit_only.heads["logit"].distance == "dist"
+    assert logit_only.heads["logit"].kernel_size == 1
+
+
+@pytest.mark.parametrize("teacher, student, feature_head", [
+    ("resnet32x4", "resnet8x4", 694_722), ("wrn_40_2", "wrn_16_2", 256_994), ("resnet56", "resnet20", 105_906)])
+def test_cifar_heads_attach_where_spec_says_with_the_oracle_parameter_counts(teacher, student, feature_head):
+    """SPEC §4: CIFAR heads without AE; the logit head for 100 classes has 352,302 parameters."""
+    distiller = _distiller("diffkd", teacher, student, input_size=(3, 32, 32), num_classes=100, dataset="cifar100")
+    assert sum(p.numel() for p in distiller.heads["feature"].parameters()) == feature_head
+    assert distiller.extra_parameter_count() == feature_head + 352_302
+
+
+def test_a_larger_teacher_map_is_pooled_to_the_students_size_and_said_at_start_up():
+    lines = []
+    distiller = _distiller("mse", "resnet32x4", "ShuffleV2", input_size=(3, 32, 32), num_classes=100,
+                           dataset="cifar100", log=lines.append)
+    assert any("teacher" in line and "average-pooled to 4×4" in line for line in lines)
+    out = distiller.train()(*_batch(input_size=(3, 32, 32), num_classes=100))
+    assert torch.isfinite(out["feature/kd_loss"])
+
+
+def test_method_defaults_follow_spec_6_per_dataset():
+    assert method_settings("kd", "cifar100").ce_weight == 0.1
+    kd = method_settings("kd", "fashion-mnist")
+    assert (kd.ce_weight, kd.kd_weight, kd.kd_temperature) == (0.1, 0.9, 4.0)
+    kd = method_settings("kd", "imagenet")
+    assert (kd.ce_weight, kd.kd_weight, kd.kd_temperature) == (0.5, 0.5, 1.0)
+    dist = method_settings("dist", "cifar100")
+    assert (dist.ce_weight, dist.kd_weight, dist.kd_temperature, dist.dist_beta, dist.dist_gamma) == (1, 2, 4, 1, 1)
+    assert method_settings("dist", "imagenet").kd_weight == 1.0
+    assert method_settings("diffkd", "cifar100").ae_channels == 0
+    assert method_settings("diffkd", "imagenet").ae_channels == 1024
+    assert method_settings("diffkd", "imagenet", ae_channels=0, nfe=None).ae_channels == 0
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: method_settings("crd", "cifar100"), "unknown method 'crd'"),
+    (lambda: method_settings("kd", "mnist"), "unknown dataset 'mnist'"),
+    (lambda: method_settings("kd", "cifar100", kd_wieght=1.0), "unknown method settings"),
+    (lambda: MethodSettings(heads="all"), "unknown heads 'all'"),
+    (lambda: MethodSettings(kd_temperature=0), "kd_temperature must be > 0"),
+    (lambda: MethodSettings(ae_channels=-1), "ae_channels must be an integer >= 0"),
+])
+def test_bad_method_settings_are_refused_with_the_value_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_distiller_refuses_heads_it_cannot_feed():
+    teacher, student = _pair()
+    with pytest.raises(ValueError, match="unknown head names"):
+        Distiller(teacher, student, {"features": LogitDistillation()})
+    with pytest.raises(ValueError, match="need a teacher"):
+        Distiller(None, student, {"logit": LogitDistillation()})
+    with pytest.raises(ValueError, match="teacher_feature and student_feature"):
+        Distiller(teacher, student, {"feature": FeatureRegression(64, 64)})
+    with pytest.raises(ValueError, match="logit distillation needs the same classes"):
+        _distiller_with_classes(teacher_classes=10, student_classes=7)
+
+
+def _distiller_with_classes(teacher_classes, student_classes):
+    teacher = create_model("resnet8", num_classes=teacher_classes, in_chans=1)
+    student = create_model("resnet8", num_classes=student_classes, in_chans=1)
+    taps = default_taps("resnet8", student, MNIST_INPUT)
+    return build_distiller(method_settings("kd", "fashion-mnist"), student, teacher, student_taps=taps,
+                           teacher_taps=taps, input_size=MNIST_INPUT, log=lambda line: None)

@@ -1,0 +1,382 @@
+"""``python -m diffkd.train`` and ``python -m diffkd.eval`` end to end on a tiny generated Fashion-MNIST.
+
+The fixture writes real gzipped IDX files (the Debian package's format), so every run goes through the same
+data path as the demo; runs are a few steps of the smallest CIFAR-zoo networks.
+"""
+import csv
+import gzip
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from diffkd import eval as diffkd_eval
+from diffkd import train
+from diffkd.models import create_model, load_checkpoint, save_checkpoint_benchmark_format
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """One CPU thread per run: the runs are tiny, and two threads on a busy 2-core machine are far slower."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """48 training and 24 test images; each class is a bright patch at its own place, so it can be learnt."""
+    folder = tmp_path_factory.mktemp("fashion-mnist")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 48), ("t10k", 24)):
+        labels = np.arange(count) % 10
+        images = rng.integers(0, 60, size=(count, 28, 28))
+        for image, label in zip(images, labels):
+            row, column = divmod(int(label), 4)
+            image[row * 7:row * 7 + 7, column * 7:column * 7 + 7] += 180
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A resnet14 teacher in the CIFAR benchmark's checkpoint format ({"model": state_dict, ...})."""
+    torch.manual_seed(1)
+    model = create_model("resnet14", num_classes=10, in_chans=1)
+    return save_checkpoint_benchmark_format(model, tmp_path_factory.mktemp("teacher") / "ckpt_epoch_240.pth",
+                                            epoch=240, accuracy=90.0)
+
+
+def run_cli(module, argv, capsys) -> tuple[int, str, str]:
+    """Runs a CLI in-process: (exit code, stdout, stderr); argparse's own errors exit through SystemExit."""
+    try:
+        code = module.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def common(data_dir, output, **flags) -> list[str]:
+    settings = {"--data-dir": data_dir, "--output": output, "--student": "resnet8", "--epochs": 1,
+                "-b": 8, "--lr": 0.05, "--log-interval": 2, **flags}
+    return [str(token) for key, value in settings.items() if value is not None
+            for token in ((key,) if value is True else (key, value))]
+
+
+def distill(data_dir, output, teacher_ckpt, method="diffkd", **flags) -> list[str]:
+    return common(data_dir, output, **{"--method": method, "--teacher": "resnet14", "--teacher-ckpt": teacher_ckpt,
+                                       **flags})
+
+
+def read_summary(folder: Path) -> list[dict]:
+    with open(folder / "summary.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def assert_clean_failure(code, err, *needles, expected_code=2):
+    assert code == expected_code, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+# ---- every method, outputs --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, flags", [
+    ("none", {}),
+    ("kd", {"--amp": True, "--amp-dtype": "float16"}),
+    ("dist", {"--opt": "adamw", "--lr": 1e-3, "--sched": "cosine", "--warmup-epochs": 0.5}),
+    ("mse", {"--grad-accum-steps": 2, "--sched": "step", "--decay-epochs": 1}),
+    ("diffkd", {"--amp": True, "--channels-last": True, "--nesterov": True, "--no-decay-norm-bias": True}),
+])
+def test_every_method_trains_and_writes_its_outputs(method, flags, data_dir, teacher_ckpt, tmp_path, capsys):
+    argv = (common(data_dir, tmp_path, **{"--method": "none", **flags}) if method == "none"
+            else distill(data_dir, tmp_path, teacher_ckpt, method, **flags))
+    code, out, err = run_cli(train, [*argv, "--epochs", 2, "--experiment", "run"], capsys)
+    assert code == 0, err
+    folder = tmp_path / "run"
+    for name in ("args.yaml", "summary.csv", "env.txt", "log.txt", "last.pth", "best.pth", "plots/losses.png",
+                 "plots/accuracy.png"):
+        assert (folder / name).is_file(), name
+    assert (folder / "plots/gamma.png").is_file() == (method == "diffkd")
+    rows = read_summary(folder)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert rows[0]["steps"] == "6"  # 48 images in batches of 8 (with --grad-accum-steps 2: 2 × 4)
+    assert ("batch 8 = 1 process(es) × 4 × 2 accumulation" in out) == (method == "mse")
+    if method == "diffkd":
+        assert {"train_feature/kd_loss", "train_feature/diffusion_loss", "train_feature/gamma",
+                "train_logit/kd_loss"} <= set(rows[0])
+    elif method != "none":
+        assert "teacher resnet14: top-1" in out
+    saved = yaml.safe_load((folder / "args.yaml").read_text())
+    assert saved["method"] == method and saved["ce_weight"] == {"kd": 0.1}.get(method, 1.0)
+    last_line = out.strip().splitlines()[-1]
+    assert "last-epoch top-1" in last_line and "best top-1" in last_line
+    assert (folder / "log.txt").read_text().strip().splitlines()[-1] == last_line
+    assert "extra training-time parameters" in out
+    assert "device: cpu" in (folder / "env.txt").read_text()
+
+
+def test_config_overlays_defaults_and_flags_win(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("student: resnet8\nmethod: kd\nlr: 0.2\ndecay_milestones: [3, 4]\nnesterov: true\n")
+    args, explicit = train.parse_args(["-c", str(config), "--lr", "0.3"])
+    assert (args.student, args.method, args.lr, args.decay_milestones, args.nesterov) == ("resnet8", "kd", 0.3,
+                                                                                          [3, 4], True)
+    assert args.epochs == 240  # untouched defaults stay
+    assert {"student", "method", "lr", "decay_milestones", "nesterov"} <= explicit and "epochs" not in explicit
+
+
+def test_no_arguments_means_the_demo_and_configs_demo_yaml_spells_it_out():
+    default, _ = train.parse_args([])
+    from_config, _ = train.parse_args(["-c", str(REPO / "configs" / "demo.yaml")])
+    assert default.demo and vars(default) == {**vars(from_config), "config": None}
+
+
+def test_lr_schedules_warm_up_and_decay_at_epoch_boundaries():
+    args, _ = train.parse_args(["--student", "resnet8", "--lr", "0.1", "--epochs", "10", "--warmup-epochs", "1",
+                                "--decay-milestones", "5", "8"])
+    factor = train.lr_factor_schedule(args, steps_per_epoch=4)
+    assert [factor(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4 * 5 - 1) == 1.0 and factor(4 * 5) == pytest.approx(0.1) and factor(4 * 8) == pytest.approx(0.01)
+    args.sched, args.min_lr = "cosine", 0.001
+    factor = train.lr_factor_schedule(args, steps_per_epoch=4)
+    assert factor(4) == pytest.approx(1.0) and factor(40) == pytest.approx(0.01)
+    args.sched, args.decay_epochs = "step", 3
+    factor = train.lr_factor_schedule(args, steps_per_epoch=4)
+    assert factor(4 * 3 - 1) == 1.0 and factor(4 * 3) == pytest.approx(0.1) and factor(4 * 9) == pytest.approx(1e-3)
+
+
+# ---- exact resume -----------------------------------------------------------------------------------------------
+def test_an_interrupted_run_resumed_is_bit_identical_to_an_uninterrupted_one(data_dir, teacher_ckpt, tmp_path,
+                                                                             capsys, monkeypatch):
+    argv = distill(data_dir, tmp_path, teacher_ckpt, **{"--epochs": 3, "--seed": 7, "--lr": 0.02})
+    assert run_cli(train, [*argv, "--experiment", "straight"], capsys)[0] == 0
+
+    original_epoch = train.Trainer.train_epoch
+
+    def crash_in_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # as if the job were killed half-way through epoch 2
+        return original_epoch(self, epoch)
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", crash_in_second_epoch)
+    code, _, err = run_cli(train, [*argv, "--experiment", "interrupted"], capsys)
+    assert code == 130 and "--resume" in err
+    monkeypatch.setattr(train.Trainer, "train_epoch", original_epoch)
+    code, out, err = run_cli(train, ["--resume", tmp_path / "interrupted", "--data-dir", data_dir], capsys)
+    assert code == 0, err
+    assert "resumed after epoch 1" in out
+
+    straight = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "interrupted" / "last.pth", weights_only=True)
+    assert straight["epoch"] == resumed["epoch"] == 3
+    for part in ("student", "heads"):
+        assert straight[part].keys() == resumed[part].keys()
+        for key in straight[part]:
+            assert torch.equal(straight[part][key], resumed[part][key]), f"{part}.{key}"
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    timing = {"epoch_time_s", "images_per_s"}
+    strip = [{k: v for k, v in row.items() if k not in timing} for row in read_summary(tmp_path / "straight")]
+    assert strip == [{k: v for k, v in row.items() if k not in timing}
+                     for row in read_summary(tmp_path / "interrupted")]
+
+
+def test_resume_refuses_changed_settings(data_dir, teacher_ckpt, tmp_path, capsys):
+    argv = distill(data_dir, tmp_path, teacher_ckpt, **{"--max-steps": 1, "--experiment": "run"})
+    assert run_cli(train, argv, capsys)[0] == 0
+    code, _, err = run_cli(train, ["--resume", tmp_path / "run", "--lr", "0.5"], capsys)
+    assert_clean_failure(code, err, "lr (saved 0.05, given 0.5)")
+
+
+# ---- DDP --------------------------------------------------------------------------------------------------------
+def test_two_process_torchrun_on_cpu_trains_and_reduces_metrics(data_dir, teacher_ckpt, tmp_path, capsys):
+    code, out, _ = run_cli(diffkd_eval, [teacher_ckpt, "--model", "resnet14", "--data-dir", data_dir], capsys)
+    one_process_top1 = out.split("test top-1 ")[1].split("%")[0]
+    argv = distill(data_dir, tmp_path, teacher_ckpt, **{"--epochs": 1, "--experiment": "ddp"})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "diffkd.train", *argv], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "batch 8 = 2 process(es) × 4" in result.stdout
+    assert result.stdout.count("final: last-epoch top-1") == 1  # only rank 0 speaks
+    # each process tests half of the 24 images; the sums over both give the one-process accuracy
+    assert f"teacher resnet14: top-1 {one_process_top1}%" in result.stdout
+    rows = read_summary(tmp_path / "ddp")
+    assert rows[0]["steps"] == "6"  # 48 images in global batches of 8, each process reading its half
+    checkpoint = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
+    assert len(checkpoint["rng"]) == 2  # both processes' random streams, for an exact resume
+    assert not any(key.startswith("module.") for key in checkpoint["student"])
+
+
+# ---- teacher checkpoints, eval and export ------------------------------------------------------------------------
+def test_teacher_checkpoint_for_another_architecture_is_refused(data_dir, teacher_ckpt, tmp_path, capsys):
+    argv = distill(data_dir, tmp_path, teacher_ckpt, **{"--teacher": "resnet20", "--experiment": "run"})
+    code, _, err = run_cli(train, argv, capsys)
+    assert_clean_failure(code, err, str(teacher_ckpt), "resnet20")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_without_weights_is_refused(data_dir, tmp_path, capsys):
+    argv = common(data_dir, tmp_path, **{"--method": "kd", "--teacher": "resnet14"})
+    assert_clean_failure(*run_cli(train, argv, capsys)[::2], "--teacher-ckpt", "--method none --student resnet14")
+
+
+def test_eval_and_export_in_the_benchmark_format(data_dir, teacher_ckpt, tmp_path, capsys):
+    assert run_cli(train, distill(data_dir, tmp_path, teacher_ckpt, **{"--experiment": "run"}), capsys)[0] == 0
+    checkpoint = tmp_path / "run" / "best.pth"
+    code, out, err = run_cli(diffkd_eval, [checkpoint, "--data-dir", data_dir], capsys)
+    assert code == 0, err
+    summary = read_summary(tmp_path / "run")
+    assert f"test top-1 {float(summary[-1]['val_top1']):.2f}%" in out and "on 24 images" in out
+
+    exported = tmp_path / "resnet8.pth"
+    code, out, err = run_cli(diffkd_eval, [checkpoint, "--export", exported, "--no-eval"], capsys)
+    assert code == 0, err
+    content = torch.load(exported, weights_only=True)
+    assert set(content) == {"model", "epoch", "accuracy", "arch"} and content["arch"] == "resnet8"
+    load_checkpoint(create_model("resnet8", num_classes=10, in_chans=1), exported, strict=True)
+    code, out, err = run_cli(diffkd_eval, [exported, "--model", "resnet8", "--data-dir", data_dir], capsys)
+    assert code == 0 and f"test top-1 {float(summary[-1]['val_top1']):.2f}%" in out
+    # the exported student teaches the next run
+    argv = common(data_dir, tmp_path, **{"--method": "kd", "--teacher": "resnet8", "--teacher-ckpt": exported,
+                                         "--experiment": "next", "--max-steps": 1})
+    assert run_cli(train, argv, capsys)[0] == 0
+
+    before = exported.read_bytes()
+    code, _, err = run_cli(diffkd_eval, [checkpoint, "--export", exported], capsys)
+    assert_clean_failure(code, err, "already exists")
+    assert exported.read_bytes() == before
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+def test_missing_data_dir_names_the_path_the_debian_package_and_the_flag(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code, _, err = run_cli(train, common(missing, tmp_path / "out", **{"--method": "none"}), capsys)
+    assert_clean_failure(code, err, str(missing), "dataset-fashion-mnist", "--data-dir")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_data_dir_without_the_files_is_refused(tmp_path, capsys):
+    code, _, err = run_cli(train, common(tmp_path, tmp_path / "out", **{"--method": "none"}), capsys)
+    assert_clean_failure(code, err, "train-images-idx3-ubyte", "--data-dir")
+
+
+@pytest.mark.parametrize("flags, needles", [
+    ({"--student": "resnet9"}, ("unknown model name 'resnet9'",)),
+    ({"--student": None}, ("--student is required",)),
+    ({"--batch-size": 9, "--grad-accum-steps": 2}, ("must be divisible",)),
+])
+def test_bad_settings_are_refused_before_anything_is_written(flags, needles, data_dir, tmp_path, capsys):
+    code, _, err = run_cli(train, common(data_dir, tmp_path / "out", **{"--method": "none", **flags}), capsys)
+    assert_clean_failure(code, err, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_and_unknown_config_key_are_refused(data_dir, tmp_path, capsys):
+    code, _, err = run_cli(train, common(data_dir, tmp_path, **{"--method": "crd"}), capsys)
+    assert code == 2 and "invalid choice: 'crd'" in err and "Traceback" not in err
+    config = tmp_path / "bad.yaml"
+    config.write_text("student: resnet8\nlearning_rate: 0.1\n")
+    code, _, err = run_cli(train, ["-c", config], capsys)
+    assert_clean_failure(code, err, "unknown key 'learning_rate'", str(config))
+    config.write_text("student: resnet8\nepochs: many\n")
+    assert_clean_failure(*run_cli(train, ["-c", config], capsys)[::2], "--epochs", str(config))
+
+
+def test_output_path_that_is_a_file_is_refused(data_dir, tmp_path, capsys):
+    output = tmp_path / "output"
+    output.write_text("not a folder")
+    code, _, err = run_cli(train, common(data_dir, output, **{"--method": "none"}), capsys)
+    assert_clean_failure(code, err, f"output path {output} is a file")
+    assert output.read_text() == "not a folder"
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(data_dir, tmp_path, capsys):
+    argv = common(data_dir, tmp_path, **{"--method": "none", "--experiment": "run", "--max-steps": 1})
+    assert run_cli(train, argv, capsys)[0] == 0
+    before = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
+    code, _, err = run_cli(train, argv, capsys)
+    assert_clean_failure(code, err, "already holds a run", "--resume")
+    assert before == {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
+
+
+def test_corrupted_or_truncated_checkpoints_are_refused(data_dir, teacher_ckpt, tmp_path, capsys):
+    argv = common(data_dir, tmp_path, **{"--method": "none", "--experiment": "run", "--max-steps": 1})
+    assert run_cli(train, argv, capsys)[0] == 0
+    last = tmp_path / "run" / "last.pth"
+    last.write_bytes(last.read_bytes()[:1000])
+    code, _, err = run_cli(train, ["--resume", tmp_path / "run"], capsys)
+    assert_clean_failure(code, err, str(last), "truncated or corrupted")
+    code, _, err = run_cli(diffkd_eval, [last], capsys)
+    assert_clean_failure(code, err, "truncated or corrupted")
+    broken_teacher = tmp_path / "teacher.pth"
+    broken_teacher.write_bytes(teacher_ckpt.read_bytes()[: teacher_ckpt.stat().st_size // 2])
+    code, _, err = run_cli(train, distill(data_dir, tmp_path, broken_teacher, **{"--experiment": "t"}), capsys)
+    assert_clean_failure(code, err, str(broken_teacher), "truncated or corrupted")
+    code, _, err = run_cli(train, ["--resume", teacher_ckpt], capsys)
+    assert_clean_failure(code, err, "is not a diffkd training checkpoint")
+
+
+def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(data_dir, teacher_ckpt, tmp_path, capsys,
+                                                                    monkeypatch):
+    original_forward = train.Distiller.forward
+
+    def poisoned_in_epoch_two(self, images, targets):
+        out = original_forward(self, images, targets)
+        if poisoned_in_epoch_two.calls >= 6:  # epoch 1 has 6 steps
+            out["loss"] = out["loss"] * float("nan")
+        poisoned_in_epoch_two.calls += 1
+        return out
+
+    poisoned_in_epoch_two.calls = 0
+    monkeypatch.setattr(train.Distiller, "forward", poisoned_in_epoch_two)
+    argv = distill(data_dir, tmp_path, teacher_ckpt, **{"--epochs": 3, "--experiment": "run"})
+    code, _, err = run_cli(train, argv, capsys)
+    assert_clean_failure(code, err, "not finite at epoch 2, step 1", "last.pth (epoch 1), is untouched", "lower --lr",
+                         expected_code=3)
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 1
+    assert len(read_summary(tmp_path / "run")) == 1
+
+
+def test_a_diverging_run_stops_before_writing_a_checkpoint(data_dir, tmp_path, capsys):
+    argv = common(data_dir, tmp_path, **{"--method": "none", "--lr": 1e30, "--experiment": "run"})
+    code, _, err = run_cli(train, argv, capsys)
+    assert_clean_failure(code, err, "the loss is not finite", "no checkpoint had been written yet", expected_code=3)
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+# ---- the demo ---------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
+def test_the_demo_runs_end_to_end_on_real_data_with_a_step_cap(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(train.CACHE_ENV, str(tmp_path / "cache"))
+    argv = ["--demo", "--max-steps", 2, "--val-subset", 100, "--output", tmp_path, "--experiment", "demo"]
+    code, out, err = run_cli(train, argv, capsys)
+    assert code == 0, err
+    cached = list((tmp_path / "cache" / "teachers").glob("fashion-mnist-resnet14-*.pth"))
+    assert len(cached) == 1 and set(torch.load(cached[0], weights_only=True)) >= {"model", "accuracy"}
+    table = (tmp_path / "demo" / "results.txt").read_text()
+    assert table.strip() == "\n".join(out.strip().splitlines()[-len(table.strip().splitlines()):])
+    for label in ("teacher resnet14", "student resnet8", "alone", "with DiffKD", "difference", "wall time"):
+        assert label in table
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
+        "diffkd-seed0", "diffkd-seed1", "none-seed0", "none-seed1", "results.txt", "teacher"]
+    # a second demo reuses the cached teacher
+    code, out, err = run_cli(train, [*argv[:-1], "demo2"], capsys)
+    assert code == 0 and f"reusing {cached[0]}" in out and not (tmp_path / "demo2" / "teacher").exists()
