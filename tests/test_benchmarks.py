@@ -1,0 +1,223 @@
+"""The benchmark scripts' CPU paths: gpu_check.py's dry run, the naive head's equality with ours, and the
+smallest configurations of bench_ddim.py and bench_step.py (timings here are plumbing, never asserted)."""
+import datetime
+import inspect
+import json
+import math
+import types
+
+import pytest
+import torch
+
+from benchmarks import bench_ddim, bench_step, gpu_check
+from benchmarks._report import Results
+from benchmarks._timing import TimingPlan, relative_error, time_interleaved
+from benchmarks.naive_head import (CHECKED_ERRORS, NaiveDiffKDHead, PaperScheduler, compare_heads, diffusers_available,
+                                   explicit_noises, worst_error)
+from diffkd import DiffKDHead
+
+TODAY = datetime.date.today().isoformat()
+SCHEDULERS = [pytest.param(True, id="diffusers", marks=pytest.mark.skipif(not diffusers_available(),
+                                                                          reason="diffusers is not installed")),
+              pytest.param(False, id="diffkd-fallback")]
+TINY_HEADS = {
+    "feature": (dict(student_channels=16, teacher_channels=24), (4, 16, 4, 4), (4, 24, 4, 4)),
+    "feature-ae": (dict(student_channels=16, teacher_channels=24, use_ae=True, ae_channels=32), (4, 16, 3, 3),
+                   (4, 24, 3, 3)),
+    "logit": (dict(student_channels=10, teacher_channels=10, kernel_size=1, distance="kl"), (4, 10), (4, 10)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts set torch's thread count; give the rest of the test session its own back."""
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+def _sections(path):
+    return json.loads(path.read_text())["sections"]
+
+
+# ---- the naive head: same weights, same noises -> same losses and gradients ------------------------------------
+@pytest.mark.parametrize("use_diffusers", SCHEDULERS)
+@pytest.mark.parametrize("kind", list(TINY_HEADS))
+def test_naive_head_equals_ours(kind, use_diffusers):
+    kwargs, student_shape, teacher_shape = TINY_HEADS[kind]
+    head = DiffKDHead(**kwargs, backend="torch")
+    naive = NaiveDiffKDHead.from_head(head, PaperScheduler(use_diffusers=use_diffusers))
+    student, teacher = torch.randn(student_shape), torch.randn(teacher_shape)
+    errors = compare_heads(head, naive, student, teacher, explicit_noises(head, student, teacher))
+    assert set(CHECKED_ERRORS) <= set(errors)
+    assert max(errors.values()) < 1e-4, errors  # at tiny shapes even the single worst parameter agrees
+
+
+def test_naive_head_comparison_detects_a_different_head():
+    kwargs, student_shape, teacher_shape = TINY_HEADS["feature"]
+    head = DiffKDHead(**kwargs, backend="torch")
+    naive = NaiveDiffKDHead.from_head(head, PaperScheduler(use_diffusers=False))
+    with torch.no_grad():
+        naive.trans.weight.add_(0.1 * torch.randn_like(naive.trans.weight))  # no BatchNorm follows trans
+    student, teacher = torch.randn(student_shape), torch.randn(teacher_shape)
+    errors = compare_heads(head, naive, student, teacher, explicit_noises(head, student, teacher))
+    assert errors["losses"] > 1e-3 and errors["param_grads"] > 1e-3
+
+
+def test_naive_head_refuses_a_configuration_it_does_not_mirror():
+    with pytest.raises(ValueError, match="use_anm=True"):
+        NaiveDiffKDHead.from_head(DiffKDHead(16, 16, use_anm=False, backend="torch"))
+
+
+def test_fallback_scheduler_says_so():
+    assert "diffusers is not installed" in PaperScheduler(use_diffusers=False).source
+
+
+# ---- gpu_check.py: the CPU dry run ------------------------------------------------------------------------------
+def test_gpu_check_dry_run_writes_every_section(tmp_path):
+    # The parity section is the kernels' own (and tested with them); its guard is tested below.
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run",
+                           "--sections", "step_kernel,chain,head,train_step"]) == 0
+    path = tmp_path / f"cpu-dryrun-{TODAY}.json"
+    sections = _sections(path)
+    markdown = path.with_suffix(".md").read_text()
+    assert list(sections) == ["step_kernel", "chain", "head", "train_step"]
+    for name, section in sections.items():
+        assert section["status"] == "done", name
+        assert section["errors"] == [], (name, section["errors"])
+        assert section["tables"] and all(table["rows"] for table in section["tables"]), name
+        assert f"## {name}" in markdown
+    chain_providers = {r["provider"] for r in sections["chain"]["records"]}
+    assert {"eager", "triton"} <= chain_providers  # tests run Triton's interpreter (conftest)
+    assert all(r["rel_error"] <= bench_ddim.TOLERANCE[("cpu", r["dtype"])] for r in sections["chain"]["records"])
+    head_checks = {r["provider"]: r["check"] for r in sections["head"]["records"] if "check" in r}
+    assert {"naive", "ours-triton"} <= set(head_checks)
+    assert all(worst_error(check) < 1e-4 for check in head_checks.values())
+    steps = {r["method"]: r for r in sections["train_step"]["records"]}
+    assert steps["diffkd"]["flops_vs_kd"] > 1 > steps["student"]["flops_vs_kd"]
+    skipped = " ".join(entry["what"] for entry in sections["chain"]["skipped"])
+    assert "triton-graph" in skipped  # no CUDA graphs on a CPU, and the script says so
+
+
+def _fake_parity(run_parity):
+    module = types.ModuleType("benchmarks.parity")
+    module.run_parity = run_parity
+    return module
+
+
+def test_gpu_check_survives_a_failing_parity_and_keeps_its_partial_report(tmp_path, monkeypatch):
+    def run_parity(report, deadline):
+        assert deadline > 0
+        report["checks"] = {"ddim_step/fp32": {"passed": True, "seconds": 0.1}}
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(__import__("sys").modules, "benchmarks.parity", _fake_parity(run_parity))
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--sections", "parity,step_kernel"]) == 0
+    sections = _sections(tmp_path / f"cpu-dryrun-{TODAY}.json")
+    parity = sections["parity"]
+    assert parity["status"] == "error" and "kernel exploded" in parity["errors"][0]["error"]
+    assert parity["report"]["checks"]["ddim_step/fp32"]["passed"] is True
+    assert parity["tables"][0]["rows"][0][:2] == ["ddim_step/fp32", "passed"]
+    assert sections["step_kernel"]["status"] == "done"
+
+
+def test_gpu_check_without_a_parity_module_runs_the_benchmarks(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "benchmarks.parity", None)  # import raises ImportError
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--sections", "parity,step_kernel"]) == 0
+    sections = _sections(tmp_path / f"cpu-dryrun-{TODAY}.json")
+    assert sections["parity"]["status"] == "unavailable"
+    assert "benchmarks.parity" in sections["parity"]["errors"][0]["what"]
+    assert sections["step_kernel"]["status"] == "done"
+
+
+def test_the_parity_module_has_the_interface_gpu_check_calls():
+    from benchmarks.parity import run_parity
+
+    assert list(inspect.signature(run_parity).parameters) == ["report", "deadline"]
+
+
+def test_gpu_check_refuses_a_cpu_run_without_dry_run(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(tmp_path)])
+    assert "--dry-run" in capsys.readouterr().err
+
+
+def test_gpu_check_deadline_skips_what_does_not_fit(tmp_path):
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--deadline", "0.001",
+                           "--sections", "chain,train_step"]) == 0
+    sections = _sections(tmp_path / f"cpu-dryrun-{TODAY}.json")
+    assert all(section["status"] == "skipped" and "time left" in section["skipped"][0]["why"]
+               for section in sections.values())
+
+
+# ---- bench_ddim.py and bench_step.py, smallest CPU configurations, into one results file ------------------------
+def test_bench_ddim_and_bench_step_share_one_results_file(tmp_path):
+    path = tmp_path / "cpu.json"
+    assert bench_ddim.main(["--quick", "--providers", "diffusers,eager", "--repeats", "1", "--threads", "1",
+                            "--sweep-mb", "1", "--json", str(path)]) == 0
+    assert bench_step.main(["--pairs", "tiny", "--repeats", "1", "--threads", "1", "--no-flops",
+                            "--json", str(path)]) == 0
+    sections = _sections(path)
+    assert set(sections) == {"chain", "step_kernel", "train_step"}
+    chain = sections["chain"]["records"]
+    expected = {(shape, mode, provider) for shape in bench_ddim.QUICK_SHAPES for mode in bench_ddim.MODES
+                for provider in (["diffusers"] if diffusers_available() else []) + ["eager"]}
+    assert {(r["shape"], r["mode"], r["provider"]) for r in chain} == expected
+    assert all(r["median_ms"] > 0 and r["speedup_vs_eager"] > 0 for r in chain)
+    assert sections["step_kernel"]["copy_bandwidth_gbs"] > 0
+    assert {r["method"] for r in sections["train_step"]["records"]} == set(bench_step.METHODS)
+    assert "## train_step" in path.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "feature-256-7"], "feature-C-SIDE-B"),
+    (["--dtypes", "fp64"], "--dtypes"),
+    (["--providers", "tensorrt"], "--providers"),
+])
+def test_bench_ddim_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_ddim.main(argv + ["--threads", "1"])
+    assert message in capsys.readouterr().err
+
+
+def test_bench_step_rejects_a_batch_of_one(capsys):
+    with pytest.raises(SystemExit):
+        bench_step.main(["--pairs", "tiny", "--batch", "1"])
+    assert "--batch must be >= 2" in capsys.readouterr().err
+
+
+# ---- the shared timing and results helpers ----------------------------------------------------------------------
+def test_interleaved_timing_runs_every_candidate_every_round():
+    calls = {"a": 0, "b": 0}
+
+    def bump(name):
+        calls[name] += 1
+
+    timings = time_interleaved({"a": lambda: bump("a"), "b": lambda: bump("b")}, plan=TimingPlan(warmup=0, repeats=3))
+    assert {name: t.runs for name, t in timings.items()} == {"a": 3, "b": 3}
+    assert all(t.q25_ms <= t.median_ms <= t.q75_ms for t in timings.values())
+    assert calls["a"] == calls["b"] >= 3
+
+
+def test_timing_plan_and_relative_error_refuse_nonsense():
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        TimingPlan(repeats=0)
+    x = torch.randn(3, 4)
+    assert relative_error(x, x) == 0
+    assert relative_error(x, x.t()) == math.inf
+    assert relative_error(torch.full_like(x, math.nan), x) == math.inf
+
+
+def test_results_file_keeps_sections_of_other_scripts(tmp_path):
+    path = tmp_path / "r.json"
+    first = Results(path, {"run": 1})
+    first.section("a")["notes"].append("kept")
+    first.flush()
+    second = Results(path, {"run": 2})
+    second.section("b")
+    second.flush()
+    data = json.loads(path.read_text())
+    assert set(data["sections"]) == {"a", "b"} and data["meta"] == {"run": 2}
+    assert data["sections"]["a"]["notes"] == ["kept"]
