@@ -179,7 +179,10 @@ class _ChainCase:
                     replay()
                     return static_out, None
                 return replay, replayed
-            # The chain uses Φ only: the head's other parameters get no gradient from it.
+            # Fresh leaf: an input whose AccumulateGrad node an earlier eager run created on the default stream
+            # invalidates the capture of the backward.  The chain uses Φ only: the head's other parameters get no
+            # gradient from it.
+            x = x.detach().clone().requires_grad_(True)
             graphed = torch.cuda.make_graphed_callables(_Chain(head), (x,), allow_unused_input=True)
             return self._fwdbwd(graphed, head, x)
         chain, owner = self.chain_function(provider)

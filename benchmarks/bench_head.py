@@ -176,9 +176,14 @@ def bench_head_shape(results: Results, section: dict, shape: str, device, *, pro
     for name, module in modules.items():
         try:
             if name == "ours-triton-graph":
-                graphed = torch.cuda.make_graphed_callables(_HeadLoss(module), (student, teacher),
+                # Fresh leaves: an input whose AccumulateGrad node an earlier eager run created on the default
+                # stream invalidates the capture of the backward.
+                graph_student = student.detach().clone().requires_grad_(student.requires_grad)
+                graph_teacher = teacher.detach().clone()
+                graphed = torch.cuda.make_graphed_callables(_HeadLoss(module), (graph_student, graph_teacher),
                                                             allow_unused_input=True)
-                steps[name] = _train_step(graphed, student, teacher, loss_of=lambda loss: loss, owner=module)
+                steps[name] = _train_step(graphed, graph_student, graph_teacher, loss_of=lambda loss: loss,
+                                          owner=module)
             else:
                 steps[name] = _train_step(module, student, teacher)
         except Exception as exc:
