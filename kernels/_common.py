@@ -1,9 +1,13 @@
 """Backend resolution and helpers shared by every op in ``kernels``.
 
 The backend is resolved here and only here: an explicit ``backend=`` argument wins, then the environment
-variable ``DIFFKD_BACKEND``, then "auto" (Triton for CUDA tensors of a supported dtype when Triton imports,
-the PyTorch reference otherwise).  "auto" never selects Triton's CPU interpreter: it runs only when
-``backend="triton"`` is asked for explicitly with ``TRITON_INTERPRET=1`` set before Triton is imported.
+variable ``DIFFKD_BACKEND``, then "auto".  "auto" picks Triton for CUDA tensors of a supported dtype when Triton
+imports *and the call is being captured into a CUDA graph*, the PyTorch reference otherwise.  Why the capture
+condition: measured on an H200 (benchmarks/results/nvidia-h200-2026-11-26*.md), each eager Triton call costs about
+100 µs of host time, so at DiffKD's shapes (a few MB per tensor) the eager chain is ~2x slower with the kernels than
+with PyTorch's, while inside a CUDA graph the launch cost vanishes and the fused chain runs ~5x faster than eager.
+"auto" never selects Triton's CPU interpreter: it runs only when ``backend="triton"`` is asked for explicitly
+with ``TRITON_INTERPRET=1`` set before Triton is imported.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
     dtype_ok = all(t.dtype in TRITON_DTYPES for t in tensors if t.is_floating_point())
     if requested == "auto":
-        return "triton" if on_cuda and dtype_ok and triton_importable() else "torch"
+        fused_pays = on_cuda and dtype_ok and triton_importable() and torch.cuda.is_current_stream_capturing()
+        return "triton" if fused_pays else "torch"
     if not triton_importable():
         raise ValueError("backend 'triton' was requested but triton does not import; install triton "
                          "(it ships with PyTorch's Linux builds) or use backend='torch'")

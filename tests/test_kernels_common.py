@@ -9,7 +9,7 @@ import torch
 import kernels
 import kernels._layout as layout
 from kernel_utils import check_against_fp64, make, philox_normal, poisoned_outputs  # noqa: F401
-from kernels import reference
+from kernels import _common, reference
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
@@ -96,3 +96,20 @@ def test_torch_compile_fullgraph_traces_every_op():
     torch.testing.assert_close(compiled, eager)
     for got, expected in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, expected)
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor in the backend rule (no GPU here)."""
+    is_cuda, dtype = True, torch.float32
+
+    def is_floating_point(self):
+        return True
+
+
+@pytest.mark.parametrize("capturing, expected", [(True, "triton"), (False, "torch")])
+def test_auto_uses_the_kernels_for_cuda_tensors_only_inside_graph_capture(monkeypatch, capturing, expected):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setattr(_common, "TRITON_AVAILABLE", True)
+    assert kernels.resolve_backend("auto", _CudaLike()) == expected
+    monkeypatch.setenv("DIFFKD_BACKEND", "torch")
+    assert kernels.resolve_backend(None, _CudaLike()) == "torch"
