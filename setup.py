@@ -13,7 +13,7 @@ setup(
     # triton comes with PyTorch's Linux builds and is imported lazily, only for the Triton backend.
     install_requires=["torch>=2.4", "torchvision", "numpy", "timm", "pyyaml", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "diffusers"],  # diffusers: the golden baseline some tests compare with
         "bench": ["diffusers"],
     },
     entry_points={"console_scripts": ["diffkd-train=diffkd.train:main", "diffkd-eval=diffkd.eval:main"]},
