@@ -16,16 +16,6 @@ from diffkd.models import (FeatureTaps, create_model, default_taps, describe_spa
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads that spin
-    against other processes made this file 10× slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---- parameter counts from the benchmark's architecture descriptions (no nn.Module involved) ---------------------
 def conv(cin, cout, k, groups=1, bias=False):
     return cin // groups * cout * k * k + (cout if bias else 0)
