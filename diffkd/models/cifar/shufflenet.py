@@ -6,6 +6,8 @@ is ``linear``.  Both keep PyTorch's default initialisation, as the benchmark doe
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,29 +50,43 @@ class ShuffleV1Unit(nn.Module):
         return F.relu(out + x)
 
 
-class ShuffleNetV1(CifarNet):
+class _ShuffleNet(CifarNet):
+    """The stem (1×1 conv to 24 channels, BN, ReLU) and the three stages both versions share."""
+
     classifier_name = "linear"
 
     def __init__(self, arch_name: str, stage_widths: tuple[int, int, int], stage_blocks: tuple[int, int, int],
-                 groups: int, *, num_classes: int = 100, in_chans: int = 3):
+                 make_stage: Callable[[int, int, int], nn.Module], *, num_classes: int, in_chans: int):
         super().__init__(arch_name, in_chans, num_classes)
         self.conv1 = nn.Conv2d(in_chans, _STEM_CHANNELS, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(_STEM_CHANNELS)
-        in_channels = _STEM_CHANNELS
-        stages = []
+        in_channels, stages = _STEM_CHANNELS, []
         for width, count in zip(stage_widths, stage_blocks):
+            stages.append(make_stage(in_channels, width, count))
+            in_channels = width
+        self.layer1, self.layer2, self.layer3 = stages
+
+    def _stem_and_stages(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+class ShuffleNetV1(_ShuffleNet):
+    def __init__(self, arch_name: str, stage_widths: tuple[int, int, int], stage_blocks: tuple[int, int, int],
+                 groups: int, *, num_classes: int = 100, in_chans: int = 3):
+        def make_stage(in_channels: int, width: int, count: int) -> nn.Module:
             # The strided first unit concatenates its input, so its own branch makes only the difference.
             units = [ShuffleV1Unit(in_channels, width - in_channels, 2, groups)]
             units += [ShuffleV1Unit(width, width, 1, groups) for _ in range(count - 1)]
-            stages.append(nn.Sequential(*units))
-            in_channels = width
-        self.layer1, self.layer2, self.layer3 = stages
+            return nn.Sequential(*units)
+
+        super().__init__(arch_name, stage_widths, stage_blocks, make_stage, num_classes=num_classes,
+                         in_chans=in_chans)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(in_channels, num_classes)
+        self.linear = nn.Linear(stage_widths[-1], num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+        return self._stem_and_stages(x)
 
 
 class ShuffleV2Unit(nn.Module):
@@ -123,30 +139,21 @@ class ShuffleV2DownUnit(nn.Module):
         return channel_shuffle(torch.cat([left, right], dim=1), 2)
 
 
-class ShuffleNetV2(CifarNet):
-    classifier_name = "linear"
-
+class ShuffleNetV2(_ShuffleNet):
     def __init__(self, arch_name: str, stage_widths: tuple[int, int, int], stage_blocks: tuple[int, int, int],
                  last_channels: int, *, num_classes: int = 100, in_chans: int = 3):
-        super().__init__(arch_name, in_chans, num_classes)
-        self.conv1 = nn.Conv2d(in_chans, _STEM_CHANNELS, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(_STEM_CHANNELS)
-        in_channels = _STEM_CHANNELS
-        stages = []
-        for width, count in zip(stage_widths, stage_blocks):
-            stages.append(nn.Sequential(ShuffleV2DownUnit(in_channels, width),
-                                        *[ShuffleV2Unit(width) for _ in range(count)]))
-            in_channels = width
-        self.layer1, self.layer2, self.layer3 = stages
-        self.conv2 = nn.Conv2d(in_channels, last_channels, kernel_size=1, bias=False)
+        def make_stage(in_channels: int, width: int, count: int) -> nn.Module:
+            return nn.Sequential(ShuffleV2DownUnit(in_channels, width), *[ShuffleV2Unit(width) for _ in range(count)])
+
+        super().__init__(arch_name, stage_widths, stage_blocks, make_stage, num_classes=num_classes,
+                         in_chans=in_chans)
+        self.conv2 = nn.Conv2d(stage_widths[-1], last_channels, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(last_channels)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(last_channels, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return F.relu(self.bn2(self.conv2(x)))
+        return F.relu(self.bn2(self.conv2(self._stem_and_stages(x))))
 
 
 def build_shufflev1(arch_name: str, **kwargs) -> ShuffleNetV1:
