@@ -332,6 +332,14 @@ def _step_tensors(shape, dtype, device):
     return x, torch.randn_like(x), torch.randn(channels, device=device, dtype=dtype), torch.randn_like(x)
 
 
+def _time_step_ops(shape, dtype, provider: str, device, plan: TimingPlan, deadline):
+    """Times every step op of ``provider`` on fresh tensors of ``shape``: (elements per tensor, ops, timings)."""
+    tensors = _step_tensors(shape, dtype, device)
+    ops = _step_ops(provider)
+    timings = time_candidates({op: (lambda f=f: f(*tensors)) for op, (f, _) in ops.items()}, device, plan, deadline)
+    return tensors[0].numel(), ops, timings
+
+
 def copy_bandwidth(megabytes: int, device, *, plan: TimingPlan, deadline=None) -> float:
     """GB/s of ``dst.copy_(src)`` on a tensor of ``megabytes`` (read + write counted)."""
     src = torch.empty(megabytes * 2 ** 20, dtype=torch.uint8, device=device).fill_(1)
@@ -371,20 +379,17 @@ def run_step_kernel_benchmark(results: Results, device, *, sizes_mb=SWEEP_MB, re
             continue
         batch = max(1, megabytes * 2 ** 20 // (SWEEP_CHANNELS * SWEEP_SIDE * SWEEP_SIDE * 4))
         try:
-            tensors = _step_tensors((batch, SWEEP_CHANNELS, SWEEP_SIDE), torch.float32, device)
-            ops = _step_ops(provider)
-            timings = time_candidates({op: (lambda f=f: f(*tensors)) for op, (f, _) in ops.items()}, device, plan,
-                                      deadline)
+            elements, ops, timings = _time_step_ops((batch, SWEEP_CHANNELS, SWEEP_SIDE), torch.float32, provider,
+                                                    device, plan, deadline)
         except Exception as exc:
             Results.error(section, f"sweep {megabytes} MB / {provider}", exc)
             continue
         for op, timing in timings.items():
-            gbs = ops[op][1] * tensors[0].numel() * 4 / (timing.median_ms * 1e-3) / 1e9
+            gbs = ops[op][1] * elements * 4 / (timing.median_ms * 1e-3) / 1e9
             fraction = gbs / copy_gbs if copy_gbs else None
             rows.append([f"{megabytes} MB", provider, op, timing.median_ms * 1e3, gbs, fraction])
             section["records"].append({"sweep_mb": megabytes, "provider": provider, "op": op, **timing.as_dict(),
                                        "gbs": gbs, "fraction_of_copy": fraction})
-        del tensors
         results.flush()
     section["tables"].append(make_table("DDIM step kernel alone: size sweep (fp32)",
                                         ["size / tensor", "provider", "op", "µs", "GB/s", "of copy BW"], rows))
@@ -395,10 +400,8 @@ def run_step_kernel_benchmark(results: Results, device, *, sizes_mb=SWEEP_MB, re
             Results.skip(section, f"real shape B{batch} C{channels} {side}×{side}", "deadline reached")
             continue
         try:
-            tensors = _step_tensors((batch, channels, side), DTYPES[dtype_name], device)
-            ops = _step_ops(provider)
-            timings = time_candidates({op: (lambda f=f: f(*tensors)) for op, (f, _) in ops.items()}, device, plan,
-                                      deadline)
+            _, _, timings = _time_step_ops((batch, channels, side), DTYPES[dtype_name], provider, device, plan,
+                                           deadline)
         except Exception as exc:
             Results.error(section, f"real shape B{batch} C{channels} {side}×{side} {dtype_name} / {provider}", exc)
             continue
