@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernels
 from diffkd.losses import DISTANCES
@@ -109,6 +110,23 @@ def _describe(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}"
 
 
+@torch.no_grad()
+def relative_squared_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ‖x − target‖² / Σ‖target‖² over the whole batch (a ratio of sums), float32, without a host sync."""
+    target = target.float()
+    energy = target.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return F.mse_loss(x.float(), target, reduction="sum") / energy
+
+
+@torch.no_grad()
+def noise_diagnostics(gamma: torch.Tensor, z_s: torch.Tensor, denoised: torch.Tensor,
+                      z_t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The scalar terms that show what the head does (see ``DiffKDHead``); no gradient, no effect on training."""
+    return {"gamma_std": gamma.float().std(correction=0),
+            "rel_error_before": relative_squared_error(z_s, z_t),
+            "rel_error_after": relative_squared_error(denoised, z_t)}
+
+
 class DiffKDHead(nn.Module):
     """One DiffKD head: distils one (student feature, teacher feature) pair.
 
@@ -119,6 +137,22 @@ class DiffKDHead(nn.Module):
     (reshaped to B×C×√N×√N; drop a class token first).  ``denoised`` and ``target`` come back in that layout.
     With ``channels_last`` (default) the head computes in channels-last memory format, which is faster on CPU
     and GPU and gives the same values.
+
+    ``forward`` returns ``loss`` (the weighted sum to optimise), ``kd_loss``, ``diffusion_loss``, ``ae_loss``,
+    ``gamma`` (one per sample), ``denoised`` and ``target``, and three diagnostics of the paper's premise that
+    the student feature is a noisy teacher feature.  They are float32 scalars computed without gradient (no
+    host synchronisation, no random numbers, no effect on any loss):
+
+    - ``gamma_std``: the spread of γ over the batch (population standard deviation; 0 without ANM, where γ = 1);
+    - ``rel_error_before``: Σ‖Z_s − Z_t‖² / Σ‖Z_t‖², sums over the whole batch (a ratio of sums, not a mean of
+      per-sample ratios), with Z_s = trans(student feature), the working-width student feature before the
+      noise blend, and Z_t the target (the teacher feature, or its autoencoder latent);
+    - ``rel_error_after``: the same for the denoised feature, Σ‖proj(chain(x_T)) − Z_t‖² / Σ‖Z_t‖².  It
+      includes what ``proj`` learns, so a drop from before to after is the chain and ``proj`` together;
+      ``diffkd.diagnose`` separates the chain's part by varying the number of steps.
+
+    ``denoise(x, steps, return_trajectory=True)`` runs the chain with any number of steps and returns every
+    intermediate x.
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, *, kernel_size: int = 3, use_ae: bool = False,
@@ -253,19 +287,33 @@ class DiffKDHead(nn.Module):
         return seed
 
     # ---- the method ------------------------------------------------------------------------------------------
-    def denoise(self, x: torch.Tensor) -> torch.Tensor:
-        """The deterministic DDIM chain x_T → x_0 with Φ, each step the fused affine x ← A·x + B·ε̂."""
+    def denoise(self, x: torch.Tensor, steps: int | None = None, *,
+                return_trajectory: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The deterministic DDIM chain x_T → x_0 with Φ, each step the fused affine x ← A·x + B·ε̂.
+
+        ``steps`` runs the trained Φ on the grid of another number of steps (NFE, 1..500; the paper's ablation
+        varies it from 1 to 20); None is the head's own ``inference_steps``, the chain training uses.  With
+        ``return_trajectory`` the result is ``(x_0, [x after step 1, …, x after the last step])``.
+        """
+        if steps is None or steps == self.inference_steps:
+            timesteps, step_a, step_b = self.chain_timesteps, self._step_a, self._step_b
+        else:
+            coefficients = self.schedule.step_coefficients(steps, self.timestep_start)  # validates steps
+            timesteps = tuple(self.schedule.timesteps(steps, self.timestep_start).tolist())
+            step_a, step_b = (c.tolist() for c in coefficients)
         table = self.model.time_embedding.weight
-        steps = self.chain_timesteps
-        model_input = x + table[steps[0]].to(x.dtype)[:, None, None]
-        for k, (a, b) in enumerate(zip(self._step_a, self._step_b)):
+        trajectory = []
+        model_input = x + table[timesteps[0]].to(x.dtype)[:, None, None]
+        for k, (a, b) in enumerate(zip(step_a, step_b)):
             eps = self.model.pred(model_input).to(x.dtype)
-            if k + 1 < len(steps):
-                x, model_input = kernels.ddim_step_embed(x, eps, a, b, table[steps[k + 1]].to(x.dtype),
+            if k + 1 < len(timesteps):
+                x, model_input = kernels.ddim_step_embed(x, eps, a, b, table[timesteps[k + 1]].to(x.dtype),
                                                          backend=self.backend)
             else:
                 x = kernels.ddim_step(x, eps, a, b, backend=self.backend)
-        return x
+            if return_trajectory:
+                trajectory.append(x)
+        return (x, trajectory) if return_trajectory else x
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, *,
                 generator: torch.Generator | None = None, blend_noise: torch.Tensor | None = None,
@@ -325,8 +373,8 @@ class DiffKDHead(nn.Module):
             kd_loss = DISTANCES[self.distance](denoised, z_t, temperature=self.temperature)
         loss = self.kd_weight * kd_loss + self.diffusion_weight * diffusion_loss + self.ae_weight * ae_loss
         return {"loss": loss, "kd_loss": kd_loss, "diffusion_loss": diffusion_loss, "ae_loss": ae_loss,
-                "gamma": gamma, "denoised": self._from_map(denoised, student_feat),
-                "target": self._from_map(z_t, teacher_feat)}
+                "gamma": gamma, **noise_diagnostics(gamma, z_s, denoised, z_t),
+                "denoised": self._from_map(denoised, student_feat), "target": self._from_map(z_t, teacher_feat)}
 
 
 def load_official_state_dict(head: DiffKDHead, state_dict: dict, prefix: str = "") -> DiffKDHead:

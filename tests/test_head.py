@@ -325,3 +325,73 @@ def test_channels_last_computation_gives_the_same_values():
     b = plain(student, teacher, generator=torch.Generator().manual_seed(3))
     for key in ("loss", "kd_loss", "diffusion_loss", "ae_loss", "denoised"):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ---- noise diagnostics and chains of any length ----------------------------------------------------------------
+def _relative_error(x, target):
+    return ((x - target) ** 2).sum() / (target ** 2).sum()
+
+
+@pytest.mark.parametrize("use_ae, kernel_size, use_anm", [(False, 3, True), (True, 3, True), (False, 1, True),
+                                                          (False, 3, False)])
+def test_noise_diagnostics_are_ratios_of_batch_sums(use_ae, kernel_size, use_anm):
+    head = DiffKDHead(6, 16, use_ae=use_ae, kernel_size=kernel_size, use_anm=use_anm, backend="torch")
+    size = 4 if kernel_size == 3 else 1
+    student = torch.randn(3, 6, size, size, requires_grad=True)
+    teacher = torch.randn(3, 16, size, size)
+    out = head(student, teacher, generator=torch.Generator().manual_seed(5))
+    z_s = F.conv2d(student, head.trans.weight, head.trans.bias).detach()
+    target, denoised = out["target"], out["denoised"].detach()
+    torch.testing.assert_close(out["rel_error_before"], _relative_error(z_s, target))
+    torch.testing.assert_close(out["rel_error_after"], _relative_error(denoised, target))
+    gamma = out["gamma"].detach()
+    expected_spread = ((gamma - gamma.mean()) ** 2).mean().sqrt()
+    torch.testing.assert_close(out["gamma_std"], expected_spread)
+    assert (out["gamma_std"] == 0) == (not use_anm)
+    for key in ("gamma_std", "rel_error_before", "rel_error_after"):
+        assert out[key].shape == () and out[key].dtype == torch.float32 and not out[key].requires_grad, key
+
+
+def test_noise_diagnostics_draw_no_random_numbers():
+    """After a forward, the generator stands exactly after the official draws (blend, diffusion noise, t)."""
+    head = DiffKDHead(6, 10, backend="torch").eval()
+    student, teacher = torch.randn(2, 6, 3, 3), torch.randn(2, 10, 3, 3)
+    generator = torch.Generator().manual_seed(11)
+    head(student, teacher, generator=generator)
+    expected = torch.Generator().manual_seed(11)
+    for shape in ((2, 10, 3, 3), (2, 10, 3, 3)):
+        torch.randn(shape, generator=expected)
+    torch.randint(0, 1000, (2,), generator=expected)
+    assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=expected))
+
+
+def _diffusers_chain(head, x, steps):
+    """x after each step of diffusers' DDIM loop on DiffKD's grid for ``steps`` steps."""
+    schedule, xs = DDIMSchedule(), []
+    for t in schedule.inference_timesteps(2 * steps)[steps:]:
+        eps = head.model.pred(x + head.model.time_embedding.weight[t][:, None, None])
+        x = schedule.step(eps, t, x, 2 * steps, use_clipped_model_output=True)
+        xs.append(x)
+    return xs
+
+
+@pytest.mark.parametrize("kernel_size", [3, 1])
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_denoise_runs_any_number_of_steps_and_returns_the_trajectory(kernel_size, steps):
+    torch.manual_seed(0)
+    head = DiffKDHead(6, 8, kernel_size=kernel_size, inference_steps=5, backend="torch").eval()
+    x = torch.randn(2, 8, 3, 3) if kernel_size == 3 else torch.randn(2, 8, 1, 1)
+    with torch.no_grad():
+        final, trajectory = head.denoise(x, steps, return_trajectory=True)
+        expected = _diffusers_chain(head, x, steps)
+        assert len(trajectory) == steps and torch.equal(trajectory[-1], final)
+        assert torch.equal(head.denoise(x, steps), final)
+        for got, want in zip(trajectory, expected):
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        assert torch.equal(head.denoise(x), head.denoise(x, 5))  # None: the head's own steps
+
+
+def test_denoise_refuses_a_bad_number_of_steps():
+    head = DiffKDHead(4, 8)
+    with pytest.raises(ValueError, match=r"inference_steps must be an integer in 1\.\.500"):
+        head.denoise(torch.randn(2, 8, 3, 3), 0)
