@@ -6,14 +6,14 @@ and distilling from it wastes a whole run.
 from __future__ import annotations
 
 import os
-import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from diffkd.files import load_weights_file, save_atomically
 
 # Where the weights sit inside a checkpoint file, in the order they are looked for: the benchmark's teachers
 # ("model"), most training scripts ("state_dict"), and distillation runs that also store a teacher ("student").
@@ -54,34 +54,6 @@ def describe_architecture(model: nn.Module) -> str:
     if name is None and isinstance(pretrained_cfg, Mapping):
         name = pretrained_cfg.get("architecture")
     return f"{name} ({type(model).__name__})" if name else type(model).__name__
-
-
-def _read_file(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist or is not a file")
-
-    def damaged(error: Exception) -> ValueError:
-        return ValueError(f"checkpoint '{path}' could not be read ({error}); the file looks truncated or corrupted: "
-                          f"copy it again")
-
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as error:  # safetensors raises its own SafetensorError for damaged headers and data
-            raise damaged(error) from error
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower():
-            first_line = str(error).strip().splitlines()[0]
-            raise ValueError(
-                f"checkpoint '{path}' holds Python objects that torch.load(weights_only=True) refuses to unpickle "
-                f"({first_line}). Only tensors, numbers, strings and plain containers are accepted; if you trust the "
-                f"file, load it once with weights_only=False and re-save just its state dict.") from error
-        raise damaged(error) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:  # how torch.load reports damaged files
-        raise damaged(error) from error
 
 
 def _find_weights(content, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -176,7 +148,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     the returned :class:`CheckpointInfo`.
     """
     path = Path(path)
-    content = _read_file(path)
+    content = load_weights_file(path)
     state_dict, weights_key = _find_weights(content, path)
     state_dict = _strip_wrapper_prefixes(state_dict)
     target = unwrap_model(model)
@@ -224,17 +196,5 @@ def save_checkpoint_benchmark_format(model: nn.Module, path: str | os.PathLike, 
         _check_storable(value, f"extra entry {key!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = {"model": unwrap_model(model).state_dict(), **extra}
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(content, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600 files; a checkpoint is shared like any other output
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    save_atomically({"model": unwrap_model(model).state_dict(), **extra}, path)
     return path
