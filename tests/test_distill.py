@@ -47,9 +47,8 @@ def test_diffkd_forward_returns_every_named_term_and_every_trainable_parameter_g
     distiller = _distiller("diffkd").train()
     images, targets = _batch()
     out = distiller(images, targets)
-    expected = {"loss", "logits", "ce_loss"} | {f"{head}/{term}" for head in ("feature", "logit")
-                                                 for term in ("kd_loss", "diffusion_loss", "ae_loss", "gamma", "gamma_std",
-                                                              "rel_error_before", "rel_error_after")}
+    terms = ("kd_loss", "diffusion_loss", "ae_loss", "gamma", "gamma_std", "rel_error_before", "rel_error_after")
+    expected = {"loss", "logits", "ce_loss"} | {f"{head}/{term}" for head in ("feature", "logit") for term in terms}
     assert set(out) == expected
     assert out["logits"].shape == (4, 10)
     assert all(out[key].dim() == 0 for key in expected - {"logits"})
