@@ -160,3 +160,47 @@ def _distiller_with_classes(teacher_classes, student_classes):
     taps = default_taps("resnet8", student, MNIST_INPUT)
     return build_distiller(method_settings("kd", "fashion-mnist"), student, teacher, student_taps=taps,
                            teacher_taps=taps, input_size=MNIST_INPUT, log=lambda line: None)
+
+
+# The classification Distiller's losses and gradient before heads could be named and bound freely (the code of
+# commit 1d3d4a6), for: torch.manual_seed(0), resnet14 teacher and resnet8 student (10 classes, 1×28×28), the
+# Fashion-MNIST recipe; then torch.manual_seed(1), a batch of torch.randn(4, 1, 28, 28) images and
+# torch.randint(0, 10, (4,)) labels, one train-mode forward and backward.  "grad" is the float64 sum of |grad|
+# over trainable_parameters(); "keys" the state_dict's length.  Made with torch 2.14.1 on an x86-64 CPU with
+# AVX-512, one thread: bit-identical there; another CPU or torch may round differently (compared at 1e-5).
+GOLDEN_PLATFORM = ("2.14.1", "AVX512")
+CLASSIFICATION_GOLDENS = {
+    "kd": {"ce_loss": 2.32711124420166, "logit/kd_loss": 0.2078283727169037, "loss": 0.4197566509246826,
+           "grad": 58.603174834103456, "keys": 56},
+    "dist": {"ce_loss": 2.32711124420166, "logit/kd_loss": 41.08903884887695, "loss": 84.50518798828125,
+             "grad": 50677.91527133906, "keys": 56},
+    "mse": {"ce_loss": 2.32711124420166, "feature/kd_loss": 2.7361948490142822, "loss": 5.063305854797363,
+            "grad": 316.4109555647705, "keys": 63},
+    "diffkd": {"ce_loss": 2.32711124420166, "feature/kd_loss": 2.7425243854522705,
+               "feature/diffusion_loss": 1.9704030752182007, "feature/ae_loss": 0.0,
+               "feature/gamma": 0.46499523520469666, "logit/kd_loss": 0.5114737153053284,
+               "logit/diffusion_loss": 1.2416656017303467, "logit/ae_loss": 0.0, "logit/gamma": 0.5506407022476196,
+               "loss": 8.793177604675293, "grad": 687.9711555388399, "keys": 187},
+}
+
+
+@pytest.mark.parametrize("method", list(CLASSIFICATION_GOLDENS))
+def test_classification_losses_are_those_of_the_distiller_before_named_heads(method):
+    torch.manual_seed(0)
+    distiller = _distiller(method).train()
+    torch.manual_seed(1)
+    images, targets = torch.randn(4, *MNIST_INPUT), torch.randint(0, 10, (4,))
+    out = distiller(images, targets)
+    out["loss"].backward()
+    golden = CLASSIFICATION_GOLDENS[method]
+    actual = {name: out[name].item() for name in golden if name not in ("grad", "keys")}
+    actual["grad"] = sum(p.grad.double().abs().sum() for p in distiller.trainable_parameters()).item()
+    expected = {name: value for name, value in golden.items() if name != "keys"}
+    if (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability()) == GOLDEN_PLATFORM:
+        assert actual == expected
+    else:
+        assert actual == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    keys = list(distiller.state_dict())
+    assert len(keys) == golden["keys"]
+    assert all(key.startswith(("student.", "heads.feature.", "heads.logit.")) for key in keys)
+    assert list(distiller.heads) == list(method_settings(method, "fashion-mnist").head_kinds)
