@@ -1,5 +1,6 @@
 """diffkd: diffusion-based knowledge distillation (DiffKD, Huang et al., NeurIPS 2023), faithful and fast."""
 from diffkd.distill import Distiller, MethodSettings, build_distiller, method_settings
+from diffkd.graphs import CUDAGraphHead
 from diffkd.losses import dist_loss, kl_div_loss, mse_loss
 from diffkd.modules import (Bneck, Denoiser, DiffKDHead, LinearAutoencoder, NoiseAdapter,
                             load_official_state_dict)
@@ -7,6 +8,6 @@ from diffkd.schedule import DDIMSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["DDIMSchedule", "DiffKDHead", "Bneck", "Denoiser", "NoiseAdapter", "LinearAutoencoder",
+__all__ = ["DDIMSchedule", "DiffKDHead", "CUDAGraphHead", "Bneck", "Denoiser", "NoiseAdapter", "LinearAutoencoder",
            "load_official_state_dict", "kl_div_loss", "dist_loss", "mse_loss", "Distiller", "MethodSettings",
            "build_distiller", "method_settings", "__version__"]

@@ -1,0 +1,500 @@
+"""CUDAGraphHead: transparent on a CPU, state-dict transparent everywhere, and its capture / self-check / fallback
+logic exercised on a CPU through an emulation of torch.cuda.make_graphed_callables (the runtime seam).
+
+The emulation keeps what matters for correctness: warm-up iterations that change BatchNorm statistics and the random
+state, static input and output buffers that every replay overwrites, and one autograd node per replay whose backward
+differentiates the *latest* replay's activations.  Real CUDA graphs are tested at the end (skipped without a GPU);
+they use backend="torch" because conftest runs Triton in its CPU interpreter, which cannot be captured.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import diffkd
+import kernels
+from diffkd import CUDAGraphHead, DiffKDHead, load_official_state_dict
+from diffkd.graphs import (GraphingFailed, StepRecord, _gradient_error, compare_steps, head_path,
+                           kernels_as_captured, record_step)
+
+SHAPES = {"feature": (dict(student_channels=8, teacher_channels=16), (4, 8, 3, 3), (4, 16, 3, 3)),
+          "feature-ae": (dict(student_channels=8, teacher_channels=16, use_ae=True, ae_channels=12), (4, 8, 3, 3),
+                         (4, 16, 3, 3)),
+          "logit": (dict(student_channels=10, teacher_channels=10, kernel_size=1, distance="kl"), (4, 10), (4, 10))}
+
+
+def _head(kind="feature", **overrides):
+    kwargs, student_shape, teacher_shape = SHAPES[kind]
+    return DiffKDHead(**{**kwargs, "backend": "torch", **overrides}), student_shape, teacher_shape
+
+
+def _features(student_shape, teacher_shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(student_shape, generator=generator).requires_grad_(),
+            torch.randn(teacher_shape, generator=generator))
+
+
+def _step(module, student, teacher, seed, **kwargs):
+    """One forward+backward from a fixed random state; returns the outputs (detached copies)."""
+    torch.manual_seed(seed)
+    out = module(student, teacher, **kwargs)
+    out["loss"].backward()
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module, exact: bool = True):
+    """Same buffers, parameters and gradients: bit for bit, or (``exact=False``) within 1e-4 relative error, the
+    floating-point state as one vector and the gradients as another (a BatchNorm bias whose gradient is rounding
+    noise has no relative error of its own); counters exactly."""
+    states = [m.state_dict() for m in (a, b)]
+    grads = [{n: p.grad for n, p in m.named_parameters()} for m in (a, b)]
+    if exact:
+        assert all(torch.equal(x, states[1][n]) for n, x in states[0].items())
+        assert all((g is None and grads[1][n] is None) or torch.equal(g, grads[1][n]) for n, g in grads[0].items())
+        return
+    counters = [{n: x for n, x in state.items() if not x.is_floating_point()} for state in states]
+    assert all(torch.equal(x, counters[1][n]) for n, x in counters[0].items())
+    floats = [{n: x for n, x in state.items() if x.is_floating_point()} for state in states]
+    assert _gradient_error(*floats) < 1e-4 and _gradient_error(*grads) < 1e-4
+
+
+# ---- the CPU emulation of make_graphed_callables -----------------------------------------------------------------
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graph, *inputs):
+        ctx.graph = graph
+        return graph.replay(inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        return (None, *ctx.graph.backward(grads))
+
+
+class _EmulatedGraph:
+    def __init__(self, step, sample_args, loss_offset):
+        self.step, self.loss_offset = step, loss_offset
+        self.static_inputs = [a.detach().clone().requires_grad_(a.requires_grad) for a in sample_args[:2]]
+        self.static_inputs += list(sample_args[2:])  # the parameter aliases share the parameters' storage
+        self.keys = self.static_outputs = self.live = None
+
+    def replay(self, inputs):
+        with torch.no_grad():
+            for static, given in zip(self.static_inputs[:2], inputs[:2]):
+                static.copy_(given)
+        with torch.enable_grad():
+            out = self.step(*self.static_inputs)
+        self.keys, self.live = list(out), list(out.values())
+        values = [v.detach() + (self.loss_offset if k == "loss" else 0) for k, v in out.items()]
+        if self.static_outputs is None:
+            self.static_outputs = [v.clone() for v in values]
+        else:
+            for static, value in zip(self.static_outputs, values):
+                static.copy_(value)
+        return tuple(s.detach() for s in self.static_outputs)
+
+    def backward(self, grads):
+        pairs = [(o, g) for o, g in zip(self.live, grads) if o.requires_grad]
+        wanted = [s for s in self.static_inputs if s.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        return tuple(next(got) if s.requires_grad else None for s in self.static_inputs)
+
+    def __call__(self, *args):
+        values = _Replay.apply(self, *args)
+        return dict(zip(self.keys, values))
+
+
+class CPUGraphs:
+    """A CPU stand-in for diffkd.graphs.CudaGraphRuntime."""
+
+    def __init__(self, capture_error: Exception | None = None, loss_offset: float = 0.0):
+        self.capture_error, self.loss_offset = capture_error, loss_offset
+        self.captures = 0
+
+    @staticmethod
+    def handles(*tensors):
+        return True
+
+    @staticmethod
+    def rng_state(device):
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state, device):
+        torch.set_rng_state(state)
+
+    @staticmethod
+    def kernels_as_captured(head):
+        return contextlib.nullcontext()
+
+    def capture(self, step, sample_args, warmup_iterations):
+        self.captures += 1
+        if self.capture_error is not None:
+            raise self.capture_error
+        for _ in range(warmup_iterations):  # changes BatchNorm statistics and the random state, as on a GPU
+            out = step(*sample_args)
+            grads = [v for v in out.values() if v.requires_grad]
+            torch.autograd.grad(grads, [a for a in sample_args if a.requires_grad],
+                                [torch.ones_like(v) for v in grads], allow_unused=True)
+        return _EmulatedGraph(step, sample_args, self.loss_offset)
+
+
+def _graphed(head, **runtime):
+    wrapped = CUDAGraphHead(head)
+    wrapped._runtime = CPUGraphs(**runtime)
+    return wrapped
+
+
+# ---- CPU: a transparent pass-through ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_cpu_pass_through_is_bit_identical_to_the_bare_head(kind):
+    head, s_shape, t_shape = _head(kind)
+    twin = copy.deepcopy(head)
+    wrapped = CUDAGraphHead(head)
+    for seed in range(2):  # gradients accumulate over two micro-batches, as in eager
+        student, teacher = _features(s_shape, t_shape, seed)
+        twin_student = student.detach().clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = _step(wrapped, student, teacher, seed=seed)
+        theirs = _step(twin, twin_student, teacher, seed=seed)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert torch.equal(student.grad, twin_student.grad)
+    _assert_same_state(head, twin)
+    assert head.proj[1].num_batches_tracked.item() == 2
+    assert wrapped.path == "eager torch" and wrapped._graphs == {}
+    assert wrapped.eager_reason == "the features are not CUDA tensors"
+
+
+def test_cpu_pass_through_keeps_explicit_noise_and_eval_mode():
+    head, s_shape, t_shape = _head("feature")
+    wrapped = CUDAGraphHead(head)
+    student, teacher = _features(s_shape, t_shape)
+    noises = {"blend_noise": torch.randn(4, 16, 3, 3), "diffusion_noise": torch.randn(4, 16, 3, 3),
+              "diffusion_t": torch.randint(0, 1000, (4,))}
+    ours, theirs = wrapped(student, teacher, **noises), head(student, teacher, **noises)
+    assert torch.equal(ours["loss"], theirs["loss"])
+    wrapped.eval()
+    assert not head.training
+    with torch.no_grad():
+        assert torch.equal(wrapped(student, teacher, **noises)["denoised"], head(student, teacher, **noises)["denoised"])
+
+
+def test_bad_inputs_still_get_the_heads_error():
+    head, s_shape, _ = _head("feature")
+    with pytest.raises(ValueError, match="teacher feature has 8 channels"):
+        CUDAGraphHead(head)(torch.randn(s_shape), torch.randn(s_shape))
+
+
+def test_wrapper_refuses_nonsense():
+    head, _, _ = _head("feature")
+    with pytest.raises(ValueError, match="already a CUDAGraphHead"):
+        CUDAGraphHead(CUDAGraphHead(head))
+    with pytest.raises(ValueError, match="warmup_iterations"):
+        CUDAGraphHead(head, warmup_iterations=0)
+    with pytest.raises(ValueError, match="nn.Module"):
+        CUDAGraphHead(lambda s, t: {})
+
+
+# ---- state dict and parameters: the bare head's ------------------------------------------------------------------
+def test_state_dict_keys_and_parameters_are_the_bare_heads():
+    head, _, _ = _head("feature-ae")
+    wrapped = CUDAGraphHead(head)
+    assert list(wrapped.state_dict()) == list(head.state_dict())
+    assert [id(p) for p in wrapped.parameters()] == [id(p) for p in head.parameters()]
+    assert wrapped.state_dict()._metadata == head.state_dict()._metadata
+
+
+def test_state_dict_loads_both_ways_and_inside_a_parent():
+    source, _, _ = _head("feature-ae")
+    target, _, _ = _head("feature-ae")
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+        source.proj[1].num_batches_tracked.fill_(7)
+    wrapped = CUDAGraphHead(target)
+    wrapped.load_state_dict(source.state_dict())  # bare -> wrapped, strict
+    _assert_same_state(target, source)
+    bare, _, _ = _head("feature-ae")
+    bare.load_state_dict(wrapped.state_dict())    # wrapped -> bare, strict
+    _assert_same_state(bare, source)
+    load_official_state_dict(CUDAGraphHead(_head("feature-ae")[0]), source.state_dict())
+
+    parent, bare_parent = nn.ModuleDict({"feature": wrapped}), nn.ModuleDict({"feature": bare})
+    assert list(parent.state_dict()) == list(bare_parent.state_dict())
+    assert all(k.startswith("feature.") and ".head." not in k for k in parent.state_dict())
+    fresh = nn.ModuleDict({"feature": CUDAGraphHead(_head("feature-ae")[0])})
+    fresh.load_state_dict(bare_parent.state_dict())
+    _assert_same_state(fresh["feature"].head, source)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.load_state_dict({**bare_parent.state_dict(), "feature.bogus": torch.zeros(1)})
+
+
+# ---- paths -------------------------------------------------------------------------------------------------------
+def test_paths_of_bare_and_wrapped_heads():
+    head, s_shape, t_shape = _head("feature", backend="auto")
+    assert head_path(head) == "eager torch"
+    assert head_path(DiffKDHead(8, 8, backend="triton"), "cpu") == "eager Triton"  # conftest: the interpreter
+    assert head_path(head, "cuda") == "eager torch"  # "auto" picks the kernels only inside a graph
+    wrapped = CUDAGraphHead(head)
+    assert wrapped.last_path is None and wrapped.path == "eager torch"
+    assert head_path(wrapped, "cuda") == ("graphed Triton" if kernels._common.triton_importable()
+                                          else "graphed torch")
+    assert head_path(CUDAGraphHead(_head("feature")[0]), "cuda") == "graphed torch"
+    assert head_path(CUDAGraphHead(_head("feature", check_finite=True)[0]), "cuda") == "eager torch"
+    wrapped(*_features(s_shape, t_shape))
+    assert wrapped.last_path == wrapped.path == head_path(wrapped) == "eager torch"
+
+
+# ---- the capture, self-check and fallback logic, through the CPU emulation -------------------------------------
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_graphed_steps_equal_eager_steps_and_leave_one_step_of_state(kind):
+    head, s_shape, t_shape = _head(kind)
+    twin = copy.deepcopy(head)
+    wrapped = _graphed(head)
+    ours_opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for seed in range(3):
+        for micro_batch in range(2):  # gradient accumulation over two micro-batches, then an optimizer step
+            student, teacher = _features(s_shape, t_shape, 10 * seed + micro_batch)
+            twin_student = student.detach().clone().requires_grad_()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                ours = _step(wrapped, student, teacher, seed=seed * 100 + micro_batch)
+            after_ours = torch.get_rng_state()
+            theirs = _step(twin, twin_student, teacher, seed=seed * 100 + micro_batch)
+            assert torch.equal(after_ours, torch.get_rng_state())  # one step's random numbers, no more
+            assert ours.keys() == theirs.keys()
+            # Equal up to rounding: the replay's backward sums a parameter's contributions in another order, and
+            # three optimizer steps through train-mode BatchNorm amplify that to ~1e-5.
+            for key in ours:
+                assert torch.allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-5), key
+            assert torch.allclose(student.grad, twin_student.grad, rtol=1e-4, atol=1e-5)
+        _assert_same_state(head, twin, exact=False)
+        ours_opt.step(), twin_opt.step()
+        ours_opt.zero_grad(), twin_opt.zero_grad()
+    assert head.proj[1].num_batches_tracked.item() == 6
+    assert wrapped.path == "graphed torch" and wrapped.fallback_reason is None
+    assert wrapped._runtime.captures == 1  # one key: captured once, replayed five times more
+    [(description, verdict)] = wrapped.self_checks.items()
+    assert verdict["passed"] and verdict["worst"] < 1e-5, verdict
+    assert "student [4, " in description and "buffer proj.1.num_batches_tracked" in verdict["errors"]
+
+
+def test_outputs_match_eager_requires_grad_and_small_ones_survive_the_next_replay():
+    head, s_shape, t_shape = _head("feature")
+    wrapped = _graphed(head)
+    first = wrapped(*_features(s_shape, t_shape, 0))
+    eager = copy.deepcopy(head)(*_features(s_shape, t_shape, 0))
+    assert {k: v.requires_grad for k, v in first.items()} == {k: v.requires_grad for k, v in eager.items()}
+    first["loss"].backward()
+    kept = {k: v.detach().clone() for k, v in first.items()}
+    wrapped(*_features(s_shape, t_shape, 1))["loss"].backward()
+    for key in ("loss", "kd_loss", "diffusion_loss", "gamma"):
+        assert torch.equal(first[key], kept[key]), key  # copies, not the replay's buffers
+    assert not torch.equal(first["denoised"], kept["denoised"])  # a map is the static buffer: valid until next call
+
+
+def test_a_new_shape_is_captured_and_checked_on_its_own():
+    head, s_shape, t_shape = _head("feature")
+    wrapped = _graphed(head)
+    for batch in (4, 6, 4):
+        student, teacher = _features((batch, *s_shape[1:]), (batch, *t_shape[1:]))
+        wrapped(student, teacher)["loss"].backward()
+    assert wrapped._runtime.captures == 2 and len(wrapped.self_checks) == 2
+    assert all(v["passed"] for v in wrapped.self_checks.values())
+    wrapped.to(torch.float32)  # a conversion may move storage: the graphs are dropped and captured again
+    wrapped(*_features(s_shape, t_shape))["loss"].backward()
+    assert wrapped._runtime.captures == 3
+
+
+def test_eval_no_grad_and_explicit_noise_are_not_captured():
+    head, s_shape, t_shape = _head("feature")
+    wrapped = _graphed(head)
+    student, teacher = _features(s_shape, t_shape)
+    with torch.no_grad():
+        wrapped(student, teacher)
+    wrapped(student, teacher, generator=torch.Generator().manual_seed(0))
+    wrapped.eval()
+    wrapped(student, teacher)
+    assert wrapped._runtime.captures == 0 and wrapped.path == "eager torch" and wrapped.eager_reason == "eval mode"
+
+
+class _Disagreeing(nn.Module):
+    """A head whose output carries a Python float: not capturable."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+
+    def forward(self, student, teacher):
+        loss = (self.proj(student) - teacher).pow(2).mean()
+        return {"loss": loss, "note": 1.0}
+
+
+@pytest.mark.parametrize("runtime, head_kwargs, reason", [
+    (dict(capture_error=RuntimeError("operation not permitted when stream is capturing")), {},
+     "raised RuntimeError: operation not permitted when stream is capturing"),
+    (dict(loss_offset=0.5), {}, "the self-check failed for student [4, 8, 3, 3] float32 (requires grad), teacher "
+                                "[4, 16, 3, 3] float32, cpu: output loss differs from eager"),
+    ({}, dict(check_finite=True), "check_finite=True"),
+])
+def test_a_failing_capture_or_self_check_falls_back_once_and_leaves_one_eager_step(runtime, head_kwargs, reason):
+    head, s_shape, t_shape = _head("feature", **head_kwargs)
+    twin = copy.deepcopy(head)
+    wrapped = _graphed(head, **runtime)
+    with pytest.warns(RuntimeWarning) as caught:
+        for seed in range(3):
+            student, teacher = _features(s_shape, t_shape, seed)
+            twin_student = student.detach().clone().requires_grad_()
+            ours, theirs = _step(wrapped, student, teacher, seed), _step(twin, twin_student, teacher, seed)
+            assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+            assert torch.equal(student.grad, twin_student.grad)
+    assert len(caught) == 1 and "runs this head eagerly from now on" in str(caught[0].message)
+    assert reason in str(caught[0].message) and reason in wrapped.fallback_reason
+    _assert_same_state(head, twin)  # warm-up and check steps left no trace: exactly the eager steps
+    assert wrapped._runtime.captures <= 1 and wrapped.path == "eager torch"
+
+
+def test_a_head_returning_non_tensors_falls_back():
+    wrapped = _graphed(_Disagreeing())
+    with pytest.warns(RuntimeWarning, match=r"non-tensor values \(note\)"):
+        out = wrapped(torch.randn(4, 3, requires_grad=True), torch.randn(4, 3))
+    assert out["note"] == 1.0 and wrapped.path == "eager torch"
+
+
+def test_a_call_before_the_previous_backward_runs_eagerly_and_keeps_gradients_right():
+    head, s_shape, t_shape = _head("feature")
+    twin = copy.deepcopy(head)
+    wrapped = _graphed(head)
+    _step(wrapped, *_features(s_shape, t_shape, 9), seed=9)  # captured and replayed once, backward done
+    _step(twin, *_features(s_shape, t_shape, 9), seed=9)
+    firsts, seconds = _features(s_shape, t_shape, 0), _features(s_shape, t_shape, 1)
+    torch.manual_seed(5)
+    with pytest.warns(RuntimeWarning, match="before the backward of its previous call") as caught:
+        total = wrapped(*firsts)["loss"] + wrapped(*seconds)["loss"]
+        assert wrapped.path == "eager torch"
+        total.backward()
+        wrapped(*firsts)["loss"].backward()  # the guard is over: replays again, and warns no more
+    assert len(caught) == 1 and wrapped.path == "graphed torch"
+    twin_firsts = (firsts[0].detach().clone().requires_grad_(), firsts[1])
+    twin_seconds = (seconds[0].detach().clone().requires_grad_(), seconds[1])
+    torch.manual_seed(5)
+    (twin(*twin_firsts)["loss"] + twin(*twin_seconds)["loss"]).backward()
+    twin(*twin_firsts)["loss"].backward()
+    for ours, theirs in ((firsts[0], twin_firsts[0]), (seconds[0], twin_seconds[0])):
+        assert torch.allclose(ours.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+    _assert_same_state(head, twin, exact=False)
+
+
+# ---- the comparison and the kernels' context ----------------------------------------------------------------------
+def _record(**overrides) -> StepRecord:
+    base = StepRecord(outputs={"loss": torch.tensor(2.0), "gamma": torch.tensor([0.5, 0.25])},
+                      input_grad=torch.tensor([1.0, -1.0]),
+                      param_grads={"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0])},
+                      buffers={"bn.running_mean": torch.tensor([0.1, 0.2]), "bn.num_batches_tracked": torch.tensor(3)})
+    for field, value in overrides.items():
+        setattr(base, field, value)
+    return base
+
+
+def test_compare_steps_passes_equal_records_and_names_the_worst_difference():
+    verdict = compare_steps(_record(), _record())
+    assert verdict["passed"] and verdict["worst"] == 0 and verdict["reason"] is None
+    assert set(verdict["errors"]) == {"output gamma", "output loss", "input grad", "parameter grads",
+                                      "buffer bn.num_batches_tracked", "buffer bn.running_mean"}
+    # parameter gradients are one vector: |(0.05, 0)| / |(3, 4, 0)| = 0.01
+    verdict = compare_steps(_record(param_grads={"w": torch.tensor([3.05, 4.0]), "b": torch.tensor([0.0])}),
+                            _record(), tolerance=1e-3)
+    assert not verdict["passed"] and verdict["worst_of"] == "parameter grads"
+    assert math.isclose(verdict["worst"], 0.01, rel_tol=1e-6)
+    assert "parameter grads differs from eager: relative error 0.01 > 0.001" == verdict["reason"]
+    assert compare_steps(_record(outputs={"loss": torch.tensor(2.0001), "gamma": torch.tensor([0.5, 0.25])}),
+                         _record(), tolerance=1e-3)["passed"]
+
+
+@pytest.mark.parametrize("overrides, worst_of", [
+    (dict(buffers={"bn.running_mean": torch.tensor([0.1, 0.2]), "bn.num_batches_tracked": torch.tensor(4)}),
+     "buffer bn.num_batches_tracked"),
+    (dict(outputs={"loss": torch.tensor(2.0)}), "output gamma"),
+    (dict(outputs={"loss": torch.tensor(math.nan), "gamma": torch.tensor([0.5, 0.25])}), "output loss"),
+    (dict(param_grads={"w": torch.tensor([3.0, 4.0]), "b": None}), "parameter grads"),
+    (dict(input_grad=None), "input grad"),
+])
+def test_compare_steps_fails_missing_or_non_finite_values(overrides, worst_of):
+    verdict = compare_steps(_record(**overrides), _record())
+    assert not verdict["passed"] and verdict["worst_of"] == worst_of and verdict["worst"] == math.inf
+
+
+def test_record_step_leaves_grad_untouched_and_needs_a_loss():
+    head, s_shape, t_shape = _head("feature")
+    student, teacher = _features(s_shape, t_shape)
+    record = record_step(head, head, student, teacher)
+    assert student.grad is None and all(p.grad is None for p in head.parameters())
+    assert record.input_grad.shape == s_shape and set(record.param_grads) == {n for n, _ in head.named_parameters()}
+    with pytest.raises(GraphingFailed, match="no 'loss'"):
+        record_step(lambda s, t: {"kd": s.sum()}, head, student, teacher)
+
+
+def test_kernels_as_captured_uses_auto_uses_triton_for_auto_heads_only(monkeypatch):
+    assert isinstance(kernels_as_captured(_head("feature")[0]), contextlib.nullcontext)
+    entered = []
+
+    @contextlib.contextmanager
+    def fake():
+        entered.append(True)
+        yield
+    monkeypatch.setattr(kernels, "auto_uses_triton", fake, raising=False)
+    with kernels_as_captured(_head("feature", backend="auto")[0]):
+        pass
+    assert entered == [True]
+    monkeypatch.delattr(kernels, "auto_uses_triton")
+    with pytest.raises(GraphingFailed, match="auto_uses_triton"):
+        kernels_as_captured(_head("feature", backend="auto")[0])
+
+
+def test_exported_from_the_package():
+    assert diffkd.CUDAGraphHead is CUDAGraphHead and "CUDAGraphHead" in diffkd.__all__
+
+
+# ---- real CUDA graphs (GPU sessions) --------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["feature-ae", "logit"])
+def test_cuda_graphed_head_equals_eager_over_three_steps(kind):
+    head, s_shape, t_shape = _head(kind)
+    head = head.cuda()
+    twin = copy.deepcopy(head)
+    wrapped = CUDAGraphHead(head)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (head, twin)]
+    for step in range(3):
+        student, teacher = (t.cuda() for t in _features(s_shape, t_shape, step))
+        student = student.detach().requires_grad_()
+        twin_student = student.detach().clone().requires_grad_()
+        state = torch.cuda.get_rng_state()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = wrapped(student, teacher)
+            ours["loss"].backward()
+        torch.cuda.set_rng_state(state)
+        theirs = twin(twin_student, teacher)
+        theirs["loss"].backward()
+        for key in theirs:
+            assert torch.allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-5), (step, key)
+        assert torch.allclose(student.grad, twin_student.grad, rtol=1e-4, atol=1e-5)
+        _assert_same_state(head, twin, exact=False)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    assert wrapped.path == "graphed torch" and wrapped.fallback_reason is None
+    assert all(v["passed"] for v in wrapped.self_checks.values()) and len(wrapped.self_checks) == 1
+    assert head.proj[1].num_batches_tracked.item() == 3
