@@ -193,3 +193,37 @@ def plot_demo_comparison(results: Mapping[str, Sequence[tuple[int, float]]], pat
     figure, axis = plt.subplots(figsize=(max(4.0, 1.6 * len(results) + 2.0), 4.0), dpi=100)
     draw_seed_comparison(axis, results, ylabel=ylabel)
     return _save(figure, path, title)
+
+
+def plot_nfe_diagnosis(diagnoses: Mapping[str, Mapping], path: str | Path, *, title: str) -> Path:
+    """The NFE diagnosis of ``diffkd.diagnose`` (per head, its fields as a dict): the relative error and the KD
+    distance against the number of denoising steps, and the relative error along the trained chain."""
+    path = Path(path)
+    figure, axes = plt.subplots(len(diagnoses), 3, figsize=(12.0, 3.4 * len(diagnoses)), dpi=100, squeeze=False)
+    for row, (head, diagnosis) in zip(axes, diagnoses.items()):
+        nfes = [r["nfe"] for r in diagnosis["nfe"]]
+        for axis, key, label in ((row[0], "rel_error", "‖Ẑ − Z_t‖² / ‖Z_t‖²"),
+                                 (row[1], "kd_distance", f"KD distance ({diagnosis['distance']})")):
+            _curve(axis, nfes, [r[key] for r in diagnosis["nfe"]], label="denoised")
+            axis.axvline(diagnosis["trained_nfe"], color="grey", linestyle=":", linewidth=1,
+                         label=f"trained NFE {diagnosis['trained_nfe']}")
+            axis.set_xscale("log")
+            axis.set_xticks(nfes, [str(n) for n in nfes])
+            axis.set_xlabel("denoising steps (NFE)")
+            axis.set_ylabel(f"{head} head: {label}")
+        row[0].axhline(diagnosis["rel_error_before"], color="tab:red", linestyle="--", linewidth=1,
+                       label="before denoising")
+        steps = diagnosis["steps"]
+        _curve(row[2], [s["step"] for s in steps], [s["rel_error"] for s in steps], label="state x_k, through proj")
+        clean = [s for s in steps if s["clean_rel_error"] is not None]
+        _curve(row[2], [s["step"] for s in clean], [s["clean_rel_error"] for s in clean],
+               label="clean estimate x̂_0, through proj")
+        levels = ["end" if s["t"] < 0 else f"t={s['t']}" for s in steps]  # t < 0: after the last step
+        row[2].set_xticks([s["step"] for s in steps], [f"{s['step']}\n{level}" for s, level in zip(steps, levels)])
+        row[2].set_xlabel("chain step")
+        row[2].set_ylabel("‖· − Z_t‖² / ‖Z_t‖²")
+        row[2].set_yscale("log")
+        for axis in row:
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize="small")
+    return _save(figure, path, title)
