@@ -1,8 +1,9 @@
 """``python -m diffkd.eval CHECKPOINT``: test accuracy of a trained student; ``--export`` writes it alone.
 
 CHECKPOINT is the ``last.pth`` / ``best.pth`` of a ``diffkd.train`` run (its settings say which dataset and
-model), or, with ``--model``, a weight file in the CIFAR benchmark's format (``{"model": state_dict}``) or any
-format :func:`diffkd.models.load_checkpoint` reads.  ``--export FILE`` writes the student of a training
+model), a file written by ``--export`` (it records its model name under ``arch``), or, with ``--model``, a weight
+file in the CIFAR benchmark's format (``{"model": state_dict}``) or any format
+:func:`diffkd.models.load_checkpoint` reads.  ``--export FILE`` writes the student of a training
 checkpoint in the benchmark's format, ready for ``--teacher-ckpt`` or the benchmark's own code.
 """
 from __future__ import annotations
@@ -16,8 +17,11 @@ import torch
 
 from diffkd.data import DATASET_NAMES, build_datasets, build_loader
 from diffkd.models import create_model
-from diffkd.train import HelpFormatter, Precision, Runtime, UsageError, as_training_checkpoint, evaluate, export_student, \
-    load_checkpoint_file, setup_runtime
+from diffkd.train.checkpoint import as_training_checkpoint, export_student, load_file
+from diffkd.train.cli import HelpFormatter
+from diffkd.train.errors import UsageError
+from diffkd.train.runtime import Precision, Runtime, setup_runtime
+from diffkd.train.tasks import ClassificationTask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(args: argparse.Namespace, info: dict, run_args: dict | None) -> torch.nn.Module:
-    name = args.model or (run_args or {}).get("student")
+def _load_model(args: argparse.Namespace, info: dict, model_name: str | None) -> torch.nn.Module:
+    name = args.model or model_name
     if name is None:
-        raise UsageError(f"{args.checkpoint} is a plain weight file: pass --model NAME (e.g. --model resnet8x4)")
+        raise UsageError(f"{args.checkpoint} is a plain weight file that does not name its model: pass --model NAME "
+                         f"(e.g. --model resnet8x4)")
     try:
         return create_model(name, num_classes=info["num_classes"], in_chans=info["in_chans"],
                             checkpoint=args.checkpoint)
@@ -52,8 +57,13 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
     path = Path(args.checkpoint)
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path}")
-    checkpoint = as_training_checkpoint(load_checkpoint_file(path), path, required=False)
+    content = load_file(path)
+    checkpoint = as_training_checkpoint(content, path, required=False)
     run_args = checkpoint["args"] if checkpoint is not None else None
+    # A training checkpoint names its student and dataset; a file written by --export records them too.
+    recorded = run_args or ({"student": content.get("arch"), "dataset": content.get("dataset")}
+                            if isinstance(content, dict) else {})
+    model_name = recorded.get("student")
     if args.export:
         export_path = Path(args.export)
         if checkpoint is None:
@@ -68,7 +78,7 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
         runtime.log(f"exported the student {run_args['student']} (epoch {checkpoint['epoch']}) to {export_path}")
     if not args.evaluate:
         return None
-    dataset = args.dataset or (run_args or {}).get("dataset", "fashion-mnist")
+    dataset = args.dataset or recorded.get("dataset") or "fashion-mnist"
     data_dir = args.data_dir or ((run_args or {}).get("data_dir") if dataset == (run_args or {}).get("dataset")
                                  else None)
     try:
@@ -76,9 +86,9 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
         loader = build_loader(val_ds, args.batch_size, train=False, distributed=runtime.distributed)
     except (OSError, ValueError) as error:
         raise UsageError(f"dataset {dataset}: {error}") from None
-    model = _load_model(args, info, run_args).to(runtime.device)
+    model = _load_model(args, info, model_name).to(runtime.device)
     precision = Precision(runtime.device.type, torch.bfloat16 if args.amp else None)
-    metrics = evaluate(model, loader, runtime, precision, channels_last=False)
+    metrics = ClassificationTask.evaluate(model, loader, runtime, precision, channels_last=False)
     epoch = f" (epoch {checkpoint['epoch']})" if checkpoint is not None else ""
     runtime.log(f"{path}{epoch}: {dataset} test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
                 f"loss {metrics['loss']:.4f} on {len(val_ds)} images")

@@ -1,100 +1,23 @@
-"""``python -m diffkd.train`` and ``python -m diffkd.eval`` end to end on a tiny generated Fashion-MNIST.
-
-The fixture writes real gzipped IDX files (the Debian package's format), so every run goes through the same
-data path as the demo; runs are a few steps of the smallest CIFAR-zoo networks.
-"""
-import csv
-import gzip
-import struct
+"""``python -m diffkd.train`` and ``python -m diffkd.eval`` end to end on a tiny generated Fashion-MNIST
+(fixtures in train_cli.py); runs are a few steps of the smallest CIFAR-zoo networks."""
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from diffkd import eval as diffkd_eval
 from diffkd import train
+from diffkd.distill import Distiller
 from diffkd.models import create_model, load_checkpoint, save_checkpoint_benchmark_format
-
-REPO = Path(__file__).resolve().parents[1]
+from diffkd.train.build import lr_factor_schedule
+from diffkd.train.cli import build_parser, parse_args
+from diffkd.train.demo import CACHE_ENV
+from train_cli import (REPO, assert_clean_failure, common, data_dir, distill, one_thread, read_summary,  # noqa: F401
+                       run_cli, teacher_ckpt)
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One CPU thread per run: the runs are tiny, and two threads on a busy 2-core machine are far slower."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as file:
-        file.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """48 training and 24 test images; each class is a bright patch at its own place, so it can be learnt."""
-    folder = tmp_path_factory.mktemp("fashion-mnist")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 48), ("t10k", 24)):
-        labels = np.arange(count) % 10
-        images = rng.integers(0, 60, size=(count, 28, 28))
-        for image, label in zip(images, labels):
-            row, column = divmod(int(label), 4)
-            image[row * 7:row * 7 + 7, column * 7:column * 7 + 7] += 180
-        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    """A resnet14 teacher in the CIFAR benchmark's checkpoint format ({"model": state_dict, ...})."""
-    torch.manual_seed(1)
-    model = create_model("resnet14", num_classes=10, in_chans=1)
-    return save_checkpoint_benchmark_format(model, tmp_path_factory.mktemp("teacher") / "ckpt_epoch_240.pth",
-                                            epoch=240, accuracy=90.0)
-
-
-def run_cli(module, argv, capsys) -> tuple[int, str, str]:
-    """Runs a CLI in-process: (exit code, stdout, stderr); argparse's own errors exit through SystemExit."""
-    try:
-        code = module.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def common(data_dir, output, **flags) -> list[str]:
-    settings = {"--data-dir": data_dir, "--output": output, "--student": "resnet8", "--epochs": 1,
-                "-b": 8, "--lr": 0.05, "--log-interval": 2, **flags}
-    return [str(token) for key, value in settings.items() if value is not None
-            for token in ((key,) if value is True else (key, value))]
-
-
-def distill(data_dir, output, teacher_ckpt, method="diffkd", **flags) -> list[str]:
-    return common(data_dir, output, **{"--method": method, "--teacher": "resnet14", "--teacher-ckpt": teacher_ckpt,
-                                       **flags})
-
-
-def read_summary(folder: Path) -> list[dict]:
-    with open(folder / "summary.csv") as file:
-        return list(csv.DictReader(file))
-
-
-def assert_clean_failure(code, err, *needles, expected_code=2):
-    assert code == expected_code, err
-    assert err.startswith("error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
 
 
 # ---- every method, outputs --------------------------------------------------------------------------------------
@@ -129,76 +52,57 @@ def test_every_method_trains_and_writes_its_outputs(method, flags, data_dir, tea
     last_line = out.strip().splitlines()[-1]
     assert "last-epoch top-1" in last_line and "best top-1" in last_line
     assert (folder / "log.txt").read_text().strip().splitlines()[-1] == last_line
-    assert "extra training-time parameters" in out
+    assert ("extra training-time parameters" in out) == (method != "none")
+    assert ("student resnet8:" in out) == (method != "none")  # a model trained alone is not a "student"
+    assert ("logit head" in out) == (method == "diffkd")  # KD and DIST have no head of their own
     assert "device: cpu" in (folder / "env.txt").read_text()
 
 
 def test_config_overlays_defaults_and_flags_win(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("student: resnet8\nmethod: kd\nlr: 0.2\ndecay_milestones: [3, 4]\nnesterov: true\n")
-    args, explicit = train.parse_args(["-c", str(config), "--lr", "0.3"])
+    args, explicit = parse_args(["-c", str(config), "--lr", "0.3"])
     assert (args.student, args.method, args.lr, args.decay_milestones, args.nesterov) == ("resnet8", "kd", 0.3,
                                                                                           [3, 4], True)
-    assert args.epochs == 240  # untouched defaults stay
+    assert args.epochs == 15 and args.sched == "cosine"  # untouched: Fashion-MNIST's recipe, not CIFAR-100's
     assert {"student", "method", "lr", "decay_milestones", "nesterov"} <= explicit and "epochs" not in explicit
 
 
+@pytest.mark.parametrize("dataset, epochs, lr, sched", [("fashion-mnist", 15, 0.1, "cosine"),
+                                                       ("cifar100", 240, 0.05, "multistep"),
+                                                       ("imagenet", 100, 0.1, "step")])
+def test_the_default_recipe_follows_the_dataset(dataset, epochs, lr, sched):
+    args, _ = parse_args(["--student", "resnet8", "--dataset", dataset])
+    assert (args.epochs, args.lr, args.sched) == (epochs, lr, sched)
+    assert parse_args(["--student", "resnet8", "--dataset", dataset, "--epochs", "3"])[0].epochs == 3
+
+
+def test_every_flag_has_help():
+    missing = [action.option_strings for action in build_parser()._actions if not action.help]
+    assert missing == []
+
+
 def test_no_arguments_means_the_demo_and_configs_demo_yaml_spells_it_out():
-    default, _ = train.parse_args([])
-    from_config, _ = train.parse_args(["-c", str(REPO / "configs" / "demo.yaml")])
+    default, _ = parse_args([])
+    from_config, _ = parse_args(["-c", str(REPO / "configs" / "demo.yaml")])
     assert default.demo and vars(default) == {**vars(from_config), "config": None}
 
 
 def test_lr_schedules_warm_up_and_decay_at_epoch_boundaries():
-    args, _ = train.parse_args(["--student", "resnet8", "--lr", "0.1", "--epochs", "10", "--warmup-epochs", "1",
-                                "--decay-milestones", "5", "8"])
-    factor = train.lr_factor_schedule(args, steps_per_epoch=4)
+    args, _ = parse_args(["--student", "resnet8", "--lr", "0.1", "--epochs", "10", "--warmup-epochs", "1",
+                          "--sched", "multistep", "--decay-milestones", "5", "8"])
+    factor = lr_factor_schedule(args, steps_per_epoch=4)
     assert [factor(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(4 * 5 - 1) == 1.0 and factor(4 * 5) == pytest.approx(0.1) and factor(4 * 8) == pytest.approx(0.01)
     args.sched, args.min_lr = "cosine", 0.001
-    factor = train.lr_factor_schedule(args, steps_per_epoch=4)
+    factor = lr_factor_schedule(args, steps_per_epoch=4)
     assert factor(4) == pytest.approx(1.0) and factor(40) == pytest.approx(0.01)
     args.sched, args.decay_epochs = "step", 3
-    factor = train.lr_factor_schedule(args, steps_per_epoch=4)
+    factor = lr_factor_schedule(args, steps_per_epoch=4)
     assert factor(4 * 3 - 1) == 1.0 and factor(4 * 3) == pytest.approx(0.1) and factor(4 * 9) == pytest.approx(1e-3)
 
 
-# ---- exact resume -----------------------------------------------------------------------------------------------
-def test_an_interrupted_run_resumed_is_bit_identical_to_an_uninterrupted_one(data_dir, teacher_ckpt, tmp_path,
-                                                                             capsys, monkeypatch):
-    argv = distill(data_dir, tmp_path, teacher_ckpt, **{"--epochs": 3, "--seed": 7, "--lr": 0.02})
-    assert run_cli(train, [*argv, "--experiment", "straight"], capsys)[0] == 0
-
-    original_epoch = train.Trainer.train_epoch
-
-    def crash_in_second_epoch(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt  # as if the job were killed half-way through epoch 2
-        return original_epoch(self, epoch)
-
-    monkeypatch.setattr(train.Trainer, "train_epoch", crash_in_second_epoch)
-    code, _, err = run_cli(train, [*argv, "--experiment", "interrupted"], capsys)
-    assert code == 130 and "--resume" in err
-    monkeypatch.setattr(train.Trainer, "train_epoch", original_epoch)
-    code, out, err = run_cli(train, ["--resume", tmp_path / "interrupted", "--data-dir", data_dir], capsys)
-    assert code == 0, err
-    assert "resumed after epoch 1" in out
-
-    straight = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
-    resumed = torch.load(tmp_path / "interrupted" / "last.pth", weights_only=True)
-    assert straight["epoch"] == resumed["epoch"] == 3
-    for part in ("student", "heads"):
-        assert straight[part].keys() == resumed[part].keys()
-        for key in straight[part]:
-            assert torch.equal(straight[part][key], resumed[part][key]), f"{part}.{key}"
-    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
-        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
-    timing = {"epoch_time_s", "images_per_s"}
-    strip = [{k: v for k, v in row.items() if k not in timing} for row in read_summary(tmp_path / "straight")]
-    assert strip == [{k: v for k, v in row.items() if k not in timing}
-                     for row in read_summary(tmp_path / "interrupted")]
-
-
+# ---- resume (the interrupt points are in test_train_resume.py) ---------------------------------------------------
 def test_resume_refuses_changed_settings(data_dir, teacher_ckpt, tmp_path, capsys):
     argv = distill(data_dir, tmp_path, teacher_ckpt, **{"--max-steps": 1, "--experiment": "run"})
     assert run_cli(train, argv, capsys)[0] == 0
@@ -250,9 +154,11 @@ def test_eval_and_export_in_the_benchmark_format(data_dir, teacher_ckpt, tmp_pat
     code, out, err = run_cli(diffkd_eval, [checkpoint, "--export", exported, "--no-eval"], capsys)
     assert code == 0, err
     content = torch.load(exported, weights_only=True)
-    assert set(content) == {"model", "epoch", "accuracy", "arch"} and content["arch"] == "resnet8"
+    assert set(content) == {"model", "epoch", "accuracy", "arch", "dataset"}
+    assert (content["arch"], content["dataset"], content["epoch"]) == ("resnet8", "fashion-mnist", 1)
+    assert content["accuracy"] == pytest.approx(float(summary[-1]["val_top1"]), abs=1e-4)
     load_checkpoint(create_model("resnet8", num_classes=10, in_chans=1), exported, strict=True)
-    code, out, err = run_cli(diffkd_eval, [exported, "--model", "resnet8", "--data-dir", data_dir], capsys)
+    code, out, err = run_cli(diffkd_eval, [exported, "--data-dir", data_dir], capsys)  # its model from "arch"
     assert code == 0 and f"test top-1 {float(summary[-1]['val_top1']):.2f}%" in out
     # the exported student teaches the next run
     argv = common(data_dir, tmp_path, **{"--method": "kd", "--teacher": "resnet8", "--teacher-ckpt": exported,
@@ -295,7 +201,7 @@ def test_unknown_method_and_unknown_config_key_are_refused(data_dir, tmp_path, c
     config = tmp_path / "bad.yaml"
     config.write_text("student: resnet8\nlearning_rate: 0.1\n")
     code, _, err = run_cli(train, ["-c", config], capsys)
-    assert_clean_failure(code, err, "unknown key 'learning_rate'", str(config))
+    assert_clean_failure(code, err, "unknown key 'learning_rate'", "Did you mean 'lr'?", str(config))
     config.write_text("student: resnet8\nepochs: many\n")
     assert_clean_failure(*run_cli(train, ["-c", config], capsys)[::2], "--epochs", str(config))
 
@@ -336,7 +242,7 @@ def test_corrupted_or_truncated_checkpoints_are_refused(data_dir, teacher_ckpt, 
 
 def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(data_dir, teacher_ckpt, tmp_path, capsys,
                                                                     monkeypatch):
-    original_forward = train.Distiller.forward
+    original_forward = Distiller.forward
 
     def poisoned_in_epoch_two(self, images, targets):
         out = original_forward(self, images, targets)
@@ -346,11 +252,11 @@ def test_a_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(data_dir, t
         return out
 
     poisoned_in_epoch_two.calls = 0
-    monkeypatch.setattr(train.Distiller, "forward", poisoned_in_epoch_two)
+    monkeypatch.setattr(Distiller, "forward", poisoned_in_epoch_two)
     argv = distill(data_dir, tmp_path, teacher_ckpt, **{"--epochs": 3, "--experiment": "run"})
     code, _, err = run_cli(train, argv, capsys)
-    assert_clean_failure(code, err, "not finite at epoch 2, step 1", "last.pth (epoch 1), is untouched", "lower --lr",
-                         expected_code=3)
+    assert_clean_failure(code, err, "not finite at epoch 2, step 1", f"{tmp_path / 'run' / 'last.pth'}, is untouched",
+                         "lower --lr", expected_code=3)
     assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 1
     assert len(read_summary(tmp_path / "run")) == 1
 
@@ -365,7 +271,7 @@ def test_a_diverging_run_stops_before_writing_a_checkpoint(data_dir, tmp_path, c
 # ---- the demo ---------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
 def test_the_demo_runs_end_to_end_on_real_data_with_a_step_cap(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(train.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     argv = ["--demo", "--max-steps", 2, "--val-subset", 100, "--output", tmp_path, "--experiment", "demo"]
     code, out, err = run_cli(train, argv, capsys)
     assert code == 0, err
@@ -376,7 +282,9 @@ def test_the_demo_runs_end_to_end_on_real_data_with_a_step_cap(tmp_path, capsys,
     for label in ("teacher resnet14", "student resnet8", "alone", "with DiffKD", "difference", "wall time"):
         assert label in table
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
-        "diffkd-seed0", "diffkd-seed1", "none-seed0", "none-seed1", "results.txt", "teacher"]
+        "comparison.png", "demo.yaml", "diffkd-seed0", "diffkd-seed1", "none-seed0", "none-seed1", "results.txt",
+        "teacher"]
+    assert "runs stopped by --max-steps: smoke numbers" in table
     # a second demo reuses the cached teacher
     code, out, err = run_cli(train, [*argv[:-1], "demo2"], capsys)
     assert code == 0 and f"reusing {cached[0]}" in out and not (tmp_path / "demo2" / "teacher").exists()

@@ -1,4 +1,4 @@
-"""configs/: every file parses as flags, names models that exist, and holds SPEC §6's recipes and loss weights."""
+"""configs/: every file parses as flags, names models that exist, and holds the paper's recipes and loss weights."""
 from pathlib import Path
 
 import pytest
@@ -7,7 +7,7 @@ import yaml
 
 from diffkd.distill import SETTING_NAMES, method_settings
 from diffkd.models import list_cifar_models
-from diffkd.train import parse_args
+from diffkd.train.cli import parse_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHODS = ("none", "kd", "dist", "mse", "diffkd")

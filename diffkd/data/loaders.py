@@ -6,8 +6,9 @@ selects its augmentation draws. Workers are not persistent, so each epoch's work
 """
 from __future__ import annotations
 
+import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -21,9 +22,15 @@ class EpochShuffleSampler(DistributedSampler):
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self._last_iterated_epoch: int | None = None
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Selects the epoch; ``start`` skips this rank's first ``start`` samples of it (a run resumed mid-epoch
+        continues with exactly the samples, and augmentations, the uninterrupted run would have seen)."""
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start must be in 0..{self.num_samples} (this rank's samples per epoch), got {start}")
         super().set_epoch(epoch)
+        self.start = start
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
@@ -32,7 +39,10 @@ class EpochShuffleSampler(DistributedSampler):
             warnings.warn(f"training sampler iterated twice at epoch {self.epoch}: the order and augmentation repeat. "
                           f"Call loader.sampler.set_epoch(epoch) before every epoch.", stacklevel=2)
         self._last_iterated_epoch = self.epoch
-        return super().__iter__()
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
 
 
 class ShardSampler(Sampler[int]):
@@ -60,12 +70,13 @@ def _world() -> tuple[int, int]:
 
 def build_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int = 0,
                  distributed: bool = False, seed: int = 0, drop_last: bool | None = None,
-                 pin_memory: bool | None = None) -> DataLoader:
+                 pin_memory: bool | None = None, collate_fn: Callable | None = None) -> DataLoader:
     """A DataLoader for training (shuffled, epoch-keyed, last incomplete batch dropped) or evaluation (in order,
     every sample once). With `distributed=True` each rank reads its own shard of the dataset.
 
     `drop_last` defaults to `train`: DiffKD's BatchNorm layers need at least 2 samples per batch. `pin_memory`
-    defaults to whether CUDA is available.
+    defaults to whether CUDA is available. `collate_fn` builds a batch from a list of samples (default: torch's,
+    which stacks; the detection and segmentation datasets need theirs, see diffkd.data.dense).
     """
     minimum_batch = 2 if train else 1
     if batch_size < minimum_batch:
@@ -87,7 +98,7 @@ def build_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers:
                          f"size or more samples.")
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, collate_fn=collate_fn,
         # Only seeds the workers' base seed, so that iterating never draws from the global RNG.
         generator=torch.Generator().manual_seed(seed),
     )

@@ -1,0 +1,5 @@
+import sys
+
+from diffkd.train.command import main
+
+sys.exit(main())

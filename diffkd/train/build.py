@@ -1,0 +1,162 @@
+"""What a run is made of, built from its settings: data loaders, the student, teacher and heads, the optimizer
+and the learning-rate schedule.  Every bad setting becomes a UsageError before anything is written."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import kernels
+from diffkd.data import build_datasets, build_loader, subset
+from diffkd.distill import SETTING_NAMES, Distiller, build_distiller, method_settings
+from diffkd.models import create_model, default_taps
+from diffkd.train.errors import UsageError
+from diffkd.train.runtime import Runtime
+
+
+@dataclass
+class Data:
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    info: dict
+    micro_batch: int
+    train_size: int
+    val_size: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Full micro-batches of one epoch on this process (the loaders drop the last incomplete one)."""
+        return self.train_loader.sampler.num_samples // self.micro_batch
+
+
+def build_data(args: argparse.Namespace, runtime: Runtime) -> Data:
+    per_step = runtime.world_size * args.grad_accum_steps
+    if args.batch_size % per_step:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by processes × --grad-accum-steps "
+                         f"= {runtime.world_size} × {args.grad_accum_steps}: it is the global batch of one step")
+    micro_batch = args.batch_size // per_step
+    try:
+        train_ds, val_ds, info = build_datasets(args.dataset, args.data_dir, augment_seed=args.seed)
+        if args.train_subset:
+            train_ds = subset(train_ds, min(args.train_subset, len(train_ds)), seed=args.seed)
+        if args.val_subset:
+            val_ds = subset(val_ds, min(args.val_subset, len(val_ds)), seed=args.seed)
+        in_memory = args.dataset != "imagenet"
+        workers = args.workers if args.workers is not None else (0 if in_memory else min(8, os.cpu_count() or 1))
+        train_loader = build_loader(train_ds, micro_batch, train=True, num_workers=workers,
+                                    distributed=runtime.distributed, seed=args.seed)
+        val_loader = build_loader(val_ds, args.eval_batch_size or 2 * micro_batch, train=False,
+                                  num_workers=workers, distributed=runtime.distributed)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"dataset {args.dataset}: {error}") from None
+    return Data(train_loader, val_loader, info, micro_batch, len(train_ds), len(val_ds))
+
+
+def _create(name: str, role: str, info: dict, **kwargs) -> nn.Module:
+    try:
+        return create_model(name, num_classes=info["num_classes"], in_chans=info["in_chans"], **kwargs)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{role} {name!r}: {error}") from None
+
+
+def _taps(name: str, model: nn.Module, feature: str | None, input_size: tuple[int, int, int]) -> tuple[str, str]:
+    try:
+        default_feature, logits = default_taps(name, model, input_size)
+    except ValueError as error:
+        raise UsageError(f"model {name!r}: {error}") from None
+    return feature or default_feature, logits
+
+
+def check_backend(backend: str | None, device: torch.device) -> None:
+    """Refuses, before a run starts, a kernel backend that cannot run on its device."""
+    if backend == "triton" and device.type != "cuda" and not kernels._common.interpreter_enabled():
+        raise UsageError(f"--backend triton runs the fused Triton kernels, which need a CUDA GPU, and this run is on "
+                         f"{device.type}; use --backend auto (or torch), which runs the same method with PyTorch ops")
+    if backend == "triton" and not kernels._common.triton_importable():
+        raise UsageError("--backend triton needs the triton package, which does not import here (it ships with "
+                         "PyTorch's Linux builds); use --backend auto or torch")
+
+
+def build_model(args: argparse.Namespace, info: dict, runtime: Runtime) -> Distiller:
+    """The student (seeded), the teacher (loaded strictly) and the method's heads, as one Distiller."""
+    if not args.student:
+        raise UsageError("--student is required (e.g. --student resnet8x4); run without any arguments, or with "
+                         "--demo, for the Fashion-MNIST demo")
+    settings_values = {name: getattr(args, name) for name in SETTING_NAMES if name != "method"}
+    try:
+        settings = method_settings(args.method, args.dataset, **settings_values)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    check_backend(settings.backend if settings.head_kinds else None, runtime.device)
+    input_size = (info["in_chans"], info["image_size"], info["image_size"])
+    torch.manual_seed(args.seed)
+    student = _create(args.student, "student" if settings.head_kinds else "model", info)
+    teacher = None
+    if settings.head_kinds:
+        if not args.teacher:
+            raise UsageError(f"method {args.method!r} needs --teacher (and --teacher-ckpt or --teacher-pretrained); "
+                             f"use --method none to train a model alone")
+        if not (args.teacher_ckpt or args.teacher_pretrained):
+            raise UsageError(f"the teacher {args.teacher!r} has no weights: pass --teacher-ckpt FILE or "
+                             f"--teacher-pretrained. A randomly initialised teacher teaches nothing; train one with "
+                             f"--method none --student {args.teacher}")
+        teacher = _create(args.teacher, "teacher", info, pretrained=args.teacher_pretrained,
+                          checkpoint=args.teacher_ckpt)
+    elif args.teacher or args.teacher_ckpt:
+        runtime.log(f"note: method none trains {args.student} alone; the teacher settings are not used")
+    student_taps = _taps(args.student, student, args.student_feature, input_size) if teacher is not None else None
+    teacher_taps = _taps(args.teacher, teacher, args.teacher_feature, input_size) if teacher is not None else None
+    try:
+        distiller = build_distiller(settings, student, teacher, student_taps=student_taps, teacher_taps=teacher_taps,
+                                    input_size=input_size, log=runtime.log)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    for name in SETTING_NAMES:  # record the resolved method settings
+        setattr(args, name, getattr(settings, name))
+    return distiller
+
+
+def build_optimizer(args: argparse.Namespace, model: Distiller) -> torch.optim.Optimizer:
+    parameters = model.trainable_parameters()
+    if args.decay_norm_bias:
+        groups = [{"params": parameters, "weight_decay": args.weight_decay}]
+    else:  # normalisation weights and biases are the 0/1-dimensional parameters
+        groups = [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": args.weight_decay},
+                  {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def lr_factor_schedule(args: argparse.Namespace, steps_per_epoch: int) -> Callable[[int], float]:
+    """The LR multiplier after ``step`` optimizer steps: linear warm-up, then step / multistep / cosine decay.
+    Decays act at epoch boundaries (as the benchmarks do); warm-up and cosine move every step."""
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    total_steps = args.epochs * steps_per_epoch
+    min_factor = args.min_lr / args.lr if args.lr else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        epoch = step // steps_per_epoch
+        if args.sched == "multistep":
+            return args.decay_rate ** sum(epoch >= milestone for milestone in args.decay_milestones)
+        if args.sched == "step":
+            return args.decay_rate ** (epoch // args.decay_epochs)
+        if args.sched == "cosine":
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def resolve_path(path: str | None) -> str | None:
+    """An absolute path (so that a run can be resumed from any folder); None stays None."""
+    return None if path is None else str(Path(path).expanduser().resolve())

@@ -1,0 +1,334 @@
+"""Flags of ``python -m diffkd.train``, the YAML config overlay and the per-dataset training recipes.
+
+Order of precedence: the dataset's recipe < ``-c FILE.yaml`` < the command line.  ``parse_args`` also returns
+the names of the settings given explicitly (by the config or the command line): resuming and the demo need them.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Sequence
+
+import yaml
+
+from diffkd.data import DATASET_NAMES
+from diffkd.distill import HEAD_SELECTIONS, LOGIT_DISTANCES, METHODS
+from diffkd.schedule import TIMESTEP_STARTS
+from diffkd.train.errors import UsageError
+from kernels._common import BACKENDS
+
+# Flags that steer the command itself, not the run: a config file cannot set them.
+COMMAND_ONLY = ("config", "resume", "help")
+# Never stored as a run's settings: --max-steps caps one invocation only.
+NOT_STORED = (*COMMAND_ONLY, "max_steps")
+# Keys a run records in its args.yaml beside the flags (so that args.yaml still works as a config file).
+RECORDED_ONLY = ("teacher_ckpt_sha256",)
+
+# The optimisation recipe each dataset starts from; any value can be changed by a config or a flag.
+# cifar100: recipe A1 of the paper; imagenet: recipe B1 of the paper; fashion-mnist: ours (small models, cosine).
+RECIPES = {
+    "cifar100": dict(epochs=240, batch_size=64, lr=0.05, nesterov=False, weight_decay=5e-4, decay_norm_bias=True,
+                     sched="multistep", decay_milestones=[150, 180, 210]),
+    "imagenet": dict(epochs=100, batch_size=256, lr=0.1, nesterov=True, weight_decay=1e-4, decay_norm_bias=False,
+                     sched="step", decay_epochs=30),
+    "fashion-mnist": dict(epochs=15, batch_size=64, lr=0.1, nesterov=False, weight_decay=5e-4, decay_norm_bias=True,
+                          sched="cosine"),
+}
+# Recipe settings a dataset's recipe leaves alone.
+RECIPE_FALLBACKS = dict(decay_milestones=[150, 180, 210], decay_epochs=30)
+RECIPE_KEYS = tuple(dict.fromkeys(key for recipe in RECIPES.values() for key in recipe))
+
+# Names other training scripts use for our settings (config keys): "did you mean" cannot guess these.
+KNOWN_SYNONYMS = {
+    "learning_rate": "lr", "base_lr": "lr", "batch": "batch_size", "num_epochs": "epochs", "max_epochs": "epochs",
+    "optimizer": "opt", "wd": "weight_decay", "scheduler": "sched", "lr_scheduler": "sched",
+    "lr_decay_epochs": "decay_milestones", "lr_decay_rate": "decay_rate", "model": "student",
+    "model_s": "student", "model_t": "teacher", "path_t": "teacher_ckpt", "num_workers": "workers",
+    "warmup": "warmup_epochs", "output_dir": "output", "data_path": "data_dir", "data": "data_dir",
+}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+_DURATION_UNITS = {"s": 1, "min": 60, "h": 3600}
+
+
+def checkpoint_interval(text: str) -> str:
+    """``N`` optimizer steps, or a wall-clock duration such as ``600s``, ``10min``, ``1h``."""
+    text = str(text).strip()
+    if text.isdigit() and int(text) > 0:
+        return text
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        number = text[:-len(unit)]
+        if text.endswith(unit) and number.replace(".", "", 1).isdigit() and float(number) > 0:
+            return text
+    raise argparse.ArgumentTypeError(f"expected a number of steps (e.g. 500) or a duration (e.g. 600s, 10min, 1h), "
+                                     f"got {text!r}")
+
+
+def interval_seconds_or_steps(text: str) -> tuple[float | None, int | None]:
+    """(seconds, None) for a duration, (None, steps) for a step count."""
+    if text.isdigit():
+        return None, int(text)
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[:-len(unit)]) * _DURATION_UNITS[unit], None
+    raise ValueError(f"bad checkpoint interval {text!r}")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default when it has one worth showing and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool)
+        if action.option_strings and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _ConfigParser(argparse.ArgumentParser):
+    """Parses the tokens made from a config file; an error names the file and raises instead of exiting."""
+
+    config_path = ""
+
+    def error(self, message: str):
+        raise UsageError(f"config {self.config_path}: {message}")
+
+
+def _recipe_help(key: str) -> str:
+    values = ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items() if key in recipe)
+    return f"(default: the dataset's recipe: {values})" if values else ""
+
+
+def build_parser(*, suppress_defaults: bool = False, config_path: str | None = None) -> argparse.ArgumentParser:
+    """The command line.  With ``suppress_defaults`` only the flags actually given appear in the result; with
+    ``config_path`` the parser checks a config file's tokens and its errors name that file."""
+    parser_class = _ConfigParser if config_path else argparse.ArgumentParser
+    parser = parser_class(
+        prog="python -m diffkd.train",
+        description="Train a student alone (--method none, also for teachers) or distil it from a teacher "
+                    "(kd, dist, mse, diffkd). With no arguments: the Fashion-MNIST demo (see the README).",
+        formatter_class=HelpFormatter)
+    if config_path:
+        parser.config_path = config_path
+    add = parser.add_argument
+    add("-c", "--config", help="YAML file of defaults (keys: flag names with underscores); flags given here win")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES,
+                       help="dataset; also selects the augmentation and the default training recipe")
+    group.add_argument("--data-dir", help="dataset folder (Fashion-MNIST defaults to the Debian package's)")
+    group.add_argument("--train-subset", type=positive_int,
+                       help="train on a fixed, class-balanced subset of this many training images")
+    group.add_argument("--val-subset", type=positive_int, help="evaluate on a fixed subset of this many images")
+    group.add_argument("--workers", type=int, help="data loader processes (default: 0 for in-memory datasets, "
+                                                   "up to 8 for ImageNet)")
+
+    group = parser.add_argument_group("models")
+    group.add_argument("--student", help="student model: a CIFAR zoo name (resnet8x4, wrn_16_2, ...) or a timm name")
+    group.add_argument("--teacher", help="teacher model, as --student")
+    group.add_argument("--teacher-ckpt",
+                       help="teacher weights (the CIFAR benchmark's {'model': ...} format and others; loaded "
+                            "strictly), or 'demo' for the teacher the demo trained and cached")
+    group.add_argument("--teacher-pretrained", action=argparse.BooleanOptionalAction, default=False,
+                       help="teacher weights from the local timm / Hugging Face cache (never downloaded)")
+    group.add_argument("--student-feature", help="module whose output is the student's feature map "
+                                                 "(default: found by a dry forward pass)")
+    group.add_argument("--teacher-feature", help="as --student-feature, for the teacher")
+
+    group = parser.add_argument_group("method (unset loss weights take the paper's values for the dataset)")
+    group.add_argument("--method", default="diffkd", choices=METHODS,
+                       help="none trains the student alone (teachers too); the others distil from --teacher")
+    group.add_argument("--ce-weight", type=non_negative_float, help="weight of the cross-entropy on the labels")
+    group.add_argument("--kd-weight", type=non_negative_float,
+                       help="weight of the KD / DIST / MSE term, or of each DiffKD head's KD term")
+    group.add_argument("--kd-temperature", type=float, help="temperature of KL and DIST")
+    group.add_argument("--dist-beta", type=non_negative_float, help="DIST inter-class weight")
+    group.add_argument("--dist-gamma", type=non_negative_float, help="DIST intra-class weight")
+    group.add_argument("--diffusion-weight", type=non_negative_float, help="DiffKD diffusion-loss weight")
+    group.add_argument("--ae-weight", type=non_negative_float, help="DiffKD autoencoder-loss weight")
+    group.add_argument("--heads", choices=tuple(HEAD_SELECTIONS), help="DiffKD heads (default both)")
+    group.add_argument("--ae-channels", type=int,
+                       help="DiffKD feature-head autoencoder width, 0 for none (default: 0 on CIFAR-100 and "
+                            "Fashion-MNIST, 1024 on ImageNet)")
+    group.add_argument("--nfe", type=positive_int, help="DiffKD denoising steps (default 5)")
+    group.add_argument("--anm", action=argparse.BooleanOptionalAction,
+                       help="DiffKD adaptive noise matching (default on; --no-anm is the ablation)")
+    group.add_argument("--logit-distance", choices=LOGIT_DISTANCES,
+                       help="DiffKD logit-head distance: kl, or dist for the paper's DiffKD† (default kl)")
+    group.add_argument("--timestep-start", choices=TIMESTEP_STARTS,
+                       help="DDIM grid: the official code's (default) or the paper's start at t = 500")
+    group.add_argument("--backend", choices=BACKENDS,
+                       help="DiffKD kernels: torch (PyTorch ops), triton (the fused Triton kernels; needs a CUDA "
+                            "GPU), auto (default: the Triton kernels only inside CUDA-graph capture, PyTorch "
+                            "otherwise, where each is faster)")
+
+    group = parser.add_argument_group("optimisation (unset values follow the dataset's recipe)")
+    group.add_argument("--epochs", type=positive_int, help="training epochs " + _recipe_help("epochs"))
+    group.add_argument("-b", "--batch-size", type=positive_int,
+                       help="global batch of one optimizer step, over all processes and accumulation steps "
+                            + _recipe_help("batch_size"))
+    group.add_argument("--lr", type=float, help="peak learning rate " + _recipe_help("lr"))
+    group.add_argument("--opt", choices=("sgd", "adamw"), default="sgd", help="optimizer")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                       help="Nesterov momentum " + _recipe_help("nesterov"))
+    group.add_argument("--weight-decay", type=non_negative_float,
+                       help="weight decay " + _recipe_help("weight_decay"))
+    group.add_argument("--decay-norm-bias", action=argparse.BooleanOptionalAction, default=None,
+                       help="apply weight decay to normalisation weights and biases "
+                            + _recipe_help("decay_norm_bias"))
+    group.add_argument("--sched", choices=("multistep", "step", "cosine", "constant"),
+                       help="learning-rate schedule after the warm-up " + _recipe_help("sched"))
+    group.add_argument("--decay-milestones", type=positive_int, nargs="+",
+                       help="multistep: epochs at which the LR is multiplied by --decay-rate "
+                            "(default: 150 180 210)")
+    group.add_argument("--decay-epochs", type=positive_int,
+                       help="step: the LR is multiplied by --decay-rate every this many epochs (default: 30)")
+    group.add_argument("--decay-rate", type=float, default=0.1, help="step / multistep: LR factor at each decay")
+    group.add_argument("--min-lr", type=non_negative_float, default=0.0, help="cosine: the final LR")
+    group.add_argument("--warmup-epochs", type=non_negative_float, default=0.0,
+                       help="linear LR warm-up from 0, per step (fractions allowed)")
+    group.add_argument("--grad-accum-steps", type=positive_int, default=1,
+                       help="micro-batches accumulated into one optimizer step")
+
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                       help="mixed precision (autocast); the DDIM constants stay float32")
+    group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                       help="float16 adds a gradient scaler; its skipped steps are counted, not fatal")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                       help="channels-last memory format for the models and images")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    group.add_argument("--threads", type=positive_int,
+                       help="CPU threads per process (default: $OMP_NUM_THREADS, else every core available)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="initialisation, data order, augmentation and DiffKD noise; same seed, same run")
+
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", default="output", help="folder holding the experiment folders")
+    group.add_argument("--experiment", help="experiment folder name (default: <dataset>-<method>-<models>-seed<seed>)")
+    group.add_argument("--resume", nargs="?", const="", metavar="PATH",
+                       help="continue a run exactly where it stopped: its experiment folder or checkpoint file "
+                            "(alone: <output>/<experiment>); with --demo, a demo folder (alone: the latest)")
+    group.add_argument("--max-steps", type=positive_int,
+                       help="stop this invocation after this many optimizer steps (smoke runs): the run is "
+                            "checkpointed where it stands, its student tested, and --resume continues it")
+    group.add_argument("--checkpoint-interval", type=checkpoint_interval, default="10min",
+                       help="also checkpoint mid-epoch, every N optimizer steps (e.g. 500) or every duration "
+                            "(e.g. 600s, 10min, 1h); epoch ends and Ctrl-C always checkpoint")
+    group.add_argument("--log-interval", type=positive_int, default=50, help="optimizer steps between progress lines")
+    group.add_argument("--eval-interval", type=positive_int, default=1,
+                       help="epochs between test-set evaluations (the last epoch is always evaluated)")
+    group.add_argument("--eval-batch-size", type=positive_int, help="per process (default: twice the training one)")
+
+    group = parser.add_argument_group("demo (the default when no arguments are given)")
+    group.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False,
+                       help="teacher, then the student alone and with DiffKD over --demo-seeds, and a table")
+    group.add_argument("--demo-seeds", type=int, nargs="+", help="seeds of the student runs")
+    group.add_argument("--demo-teacher-epochs", type=positive_int, help="epochs of the demo's teacher")
+    group.add_argument("--demo-teacher-subset", type=positive_int,
+                       help="training images of the demo's teacher (default: all)")
+    if suppress_defaults:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+    return parser
+
+
+def _unknown_key_hint(key: str, known: Sequence[str]) -> str:
+    normalised = str(key).replace("-", "_")
+    if normalised in KNOWN_SYNONYMS:
+        return f" Did you mean {KNOWN_SYNONYMS[normalised]!r}?"
+    hint = difflib.get_close_matches(normalised, list(known), n=1)
+    return f" Did you mean {hint[0]!r}?" if hint else ""
+
+
+def _config_tokens(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], set[str]]:
+    """The config file as command-line tokens (so argparse checks every value) and the keys it sets."""
+    try:
+        with open(path) as file:
+            content = yaml.safe_load(file)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist; pass -c with a YAML file such as "
+                         f"configs/cifar100/diffkd/resnet32x4_resnet8x4.yaml") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"config file {path} could not be read as YAML: {error}") from None
+    if content is None:
+        return [], set()
+    if not isinstance(content, dict):
+        raise UsageError(f"config file {path} must hold a mapping of settings (flag names with underscores), "
+                         f"got a {type(content).__name__}")
+    actions = {action.dest: action for action in parser._actions if action.dest not in COMMAND_ONLY}
+    tokens: list[str] = []
+    for key, value in content.items():
+        if key in RECORDED_ONLY:
+            continue
+        if key not in actions:
+            raise UsageError(f"config {path}: unknown key {key!r}.{_unknown_key_hint(key, actions)} Keys are the "
+                             f"flag names with underscores (see python -m diffkd.train --help).")
+        flag = next(option for option in actions[key].option_strings if option.startswith("--"))
+        if value is None:
+            continue
+        if isinstance(actions[key], argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise UsageError(f"config {path}: {key} must be true or false, got {value!r}")
+            tokens.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            tokens += [flag, *map(str, value)]
+        elif isinstance(value, dict) or isinstance(value, bool):
+            raise UsageError(f"config {path}: {key} must be a {'list or ' if actions[key].nargs else ''}single "
+                             f"value, got {value!r}")
+        else:
+            tokens += [flag, str(value)]
+    return tokens, set(content) - set(RECORDED_ONLY)
+
+
+# The demo's settings (configs/demo.yaml spells out the same): a teacher on all of Fashion-MNIST, then a smaller
+# student on a small labelled subset, alone and with DiffKD, over two seeds.
+DEMO_DEFAULTS = {
+    "dataset": "fashion-mnist", "teacher": "resnet14", "student": "resnet8", "method": "diffkd",
+    "epochs": 5, "batch_size": 64, "lr": 0.1, "sched": "cosine", "weight_decay": 5e-4, "eval_interval": 5,
+    "train_subset": 2000, "threads": 1, "demo_seeds": [0, 1], "demo_teacher_epochs": 1, "demo_teacher_subset": 24000,
+}
+
+
+def apply_recipe(args: argparse.Namespace) -> None:
+    """Fills the optimisation settings left unset with the dataset's recipe."""
+    recipe = {**RECIPE_FALLBACKS, **RECIPES[args.dataset]}
+    for key in (*RECIPE_KEYS, *RECIPE_FALLBACKS):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key])
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, set[str]]:
+    """Recipe defaults, overlaid by the config file, overlaid by the command line; no arguments means --demo."""
+    argv = list(argv) or ["--demo"]
+    parser = build_parser()
+    parser.parse_args(argv)  # --help (with the defaults shown) and errors in the flags, before the config is read
+    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    explicit = set(given) - set(COMMAND_ONLY)
+    config_tokens: list[str] = []
+    if given.get("config"):
+        config_tokens, config_keys = _config_tokens(given["config"], parser)
+        explicit |= config_keys
+        build_parser(config_path=given["config"]).parse_args(config_tokens)
+    args = parser.parse_args(config_tokens + argv)
+    if args.demo:
+        for key, value in DEMO_DEFAULTS.items():
+            if key not in explicit:
+                setattr(args, key, value)
+    apply_recipe(args)
+    return args, explicit

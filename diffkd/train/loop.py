@@ -1,0 +1,432 @@
+"""The training loop of one run: steps, progress lines, lazy finiteness checks, checkpoints, evaluation.
+
+Between optimizer steps the loop reaches *safe points*, where it may checkpoint (every ``--checkpoint-interval``,
+at epoch ends, on a stop request and at ``--max-steps``).  With one process every step is a safe point; with
+several, the processes agree on time-based checkpoints and stop requests only at the progress-line steps
+(``--log-interval``), the only steps where the loop synchronises the host with the device anyway.  The same
+steps check, lazily, that the loss stayed finite; so does every checkpoint before it is written, so a checkpoint
+never holds a diverged model.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from diffkd.train.build import build_data, build_model, build_optimizer, lr_factor_schedule
+from diffkd.train.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, capture_rng_state, describe_position,
+                                     restore_rng_state)
+from diffkd.train.cli import interval_seconds_or_steps
+from diffkd.train.errors import DivergedError, RunInterrupted, UsageError
+from diffkd.train.run_folder import RunFolder, stored_args
+from diffkd.train.runtime import Precision, Runtime, StopRequest, environment_report
+from diffkd.train.tasks import ClassificationTask, EvaluationInterrupted
+from diffkd.files import save_atomically
+
+# fp16: the gradient scaler skips a step whose gradients overflowed and halves its scale.  This many skipped
+# steps in a row (the scale divided by 2^25) means the run itself diverged.
+MAX_SKIPPED_IN_A_ROW = 25
+
+
+@dataclass(frozen=True)
+class RunResult:
+    folder: RunFolder
+    last_top1: float  # the last test top-1 (%): after the last epoch, or where --max-steps stopped the run
+    best_top1: float
+    best_epoch: int
+    teacher_top1: float | None
+    test_images: int
+    finished: bool  # all epochs done
+
+
+class EpochAccumulator:
+    """Running sums of one epoch's training metrics, on the device (no synchronisation per step)."""
+
+    def __init__(self, device: torch.device, state: dict | None = None):
+        state = state or {}
+        self.sums: dict[str, torch.Tensor] = {k: v.to(device) for k, v in state.get("sums", {}).items()}
+        self.seen: int = state.get("seen", 0)
+        self.elapsed_s: float = state.get("elapsed_s", 0.0)
+        self.start_lr: float | None = state.get("start_lr")
+        self.skipped_steps: int = state.get("skipped_steps", 0)  # fp16 steps the gradient scaler skipped
+
+    def add(self, out: dict, batch_size: int) -> None:
+        self.seen += batch_size
+        for key, value in out.items():
+            if key != "logits":
+                self.sums[key] = self.sums.get(key, 0.0) + value.detach().float() * batch_size
+
+    def state(self) -> dict:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "seen": self.seen, "elapsed_s": self.elapsed_s,
+                "start_lr": self.start_lr, "skipped_steps": self.skipped_steps}
+
+    def means(self, runtime: Runtime) -> dict:
+        keys = sorted(self.sums)
+        totals = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.seen), device=runtime.device)])
+        totals = runtime.all_reduce_sum(totals.double()).tolist()
+        return {f"train_{k}": v / totals[-1] for k, v in zip(keys, totals)} | {"images": int(totals[-1])}
+
+
+class Trainer:
+    """One run: builds it from its settings (or a checkpoint), trains, evaluates and checkpoints it."""
+
+    task = ClassificationTask
+
+    def __init__(self, args: argparse.Namespace, runtime: Runtime, folder: RunFolder, argv: Sequence[str],
+                 checkpoint: dict | None = None, stop: StopRequest | None = None):
+        self.args, self.runtime, self.folder = args, runtime, folder
+        self.stop = stop or StopRequest()
+        self.data = build_data(args, runtime)
+        self.model = build_model(args, self.data.info, runtime)
+        self.model.to(runtime.device)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp_dtype] if args.amp else None
+        self.precision = Precision(runtime.device.type, amp_dtype)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16)
+        self.optimizer = build_optimizer(args, self.model)
+        self.steps_per_epoch = self.data.batches_per_epoch // args.grad_accum_steps
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"an epoch has {self.data.batches_per_epoch} batches, fewer than --grad-accum-steps "
+                             f"{args.grad_accum_steps}: use fewer accumulation steps or more data")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_factor_schedule(args, self.steps_per_epoch))
+        self.interval_s, self.interval_steps = interval_seconds_or_steps(args.checkpoint_interval)
+        self.history: list[dict] = []
+        self.epoch = self.step_in_epoch = self.global_step = 0  # position: completed epochs, steps into the next
+        self.best_top1, self.best_epoch = -1.0, 0
+        self.teacher_top1: float | None = None
+        self.accumulator = EpochAccumulator(runtime.device)
+        self.skipped_total = 0
+        self.steps_this_invocation = 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif runtime.distributed:  # each process draws its own DiffKD noise; one process stays at --seed itself
+            torch.manual_seed(args.seed + runtime.rank)
+        self._reset_device_counters()
+        self.last_checkpoint_time, self.last_checkpoint_step = time.monotonic(), self.global_step
+        self.ddp_model = (nn.parallel.DistributedDataParallel(self.model, device_ids=[runtime.device.index]
+                                                              if runtime.device.type == "cuda" else None)
+                          if runtime.distributed else self.model)
+        runtime.barrier()
+        if runtime.is_main:
+            note = f"resumed at {describe_position(checkpoint)}" if checkpoint is not None else ""
+            folder.start(args, environment_report(runtime, argv), note)
+            runtime.start_log_file(folder.path / "log.txt")
+        self._describe()
+
+    # ---- start-up ------------------------------------------------------------------------------------------
+    def _describe(self) -> None:
+        args, data, log = self.args, self.data, self.runtime.log
+        role = "student" if self.model.teacher is not None else "model"
+        parameters = sum(p.numel() for p in self.model.student.parameters())
+        log(f"run {self.folder}: {args.method} on {args.dataset} ({data.train_size} training / {data.val_size} test "
+            f"images), {self.runtime.world_size} process(es) on {self.runtime.device.type}")
+        extra = (f"; extra training-time parameters (heads): {self.model.extra_parameter_count() / 1e6:.3f} M"
+                 if self.model.heads else "")
+        log(f"{role} {args.student}: {parameters / 1e6:.3f} M parameters{extra}")
+        log(f"batch {args.batch_size} = {self.runtime.world_size} process(es) × {data.micro_batch} × "
+            f"{args.grad_accum_steps} accumulation step(s); {self.steps_per_epoch} steps per epoch; {args.opt} "
+            f"lr {args.lr} ({args.sched}), weight decay {args.weight_decay}"
+            f"{', AMP ' + args.amp_dtype if args.amp else ''}")
+        dropped = data.batches_per_epoch % args.grad_accum_steps
+        if dropped:
+            log(f"note: the last {dropped} batch(es) of each epoch do not fill an accumulation step and are skipped")
+
+    def measure_teacher(self) -> None:
+        if self.model.teacher is None or self.teacher_top1 is not None:
+            return
+        metrics = self.task.evaluate(self.model.teacher, self.data.val_loader, self.runtime, self.precision,
+                                     self.args.channels_last, self.stop)
+        self.teacher_top1 = metrics[self.task.metric]
+        chance = 100 / self.data.info["num_classes"]
+        self.runtime.log(f"teacher {self.args.teacher}: {self.task.describe(metrics)} on {self.data.val_size} test "
+                         f"images")
+        if metrics["top1"] < 2 * chance:
+            self.runtime.log(f"warning: the teacher is near chance level ({chance:.1f}%): are --teacher-ckpt and "
+                             f"--dataset right?")
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def _gather_rng(self) -> list[dict]:
+        state = capture_rng_state()
+        if not self.runtime.distributed:
+            return [state]
+        states: list = [None] * self.runtime.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def _save(self, *, is_best: bool = False) -> None:
+        """Checkpoints the current position (every process takes part: the RNG states are gathered)."""
+        self._check_finite()
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "args": stored_args(self.args),
+            "student": self.model.student.state_dict(), "heads": self.model.heads.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": self._gather_rng(), "history": self.history,
+            "epoch_state": self.accumulator.state(), "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+            "teacher_top1": self.teacher_top1, "skipped_steps": self.skipped_total,
+        }
+        self.last_checkpoint_time = time.monotonic()
+        self.last_checkpoint_step = self.global_step
+        if not self.runtime.is_main:
+            return
+        save_atomically(checkpoint, self.folder.last)
+        if is_best:
+            save_atomically(checkpoint, self.folder.best)
+
+    def _restore(self, checkpoint: dict) -> None:
+        try:
+            self.model.student.load_state_dict(checkpoint["student"])
+            self.model.heads.load_state_dict(checkpoint["heads"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise UsageError(f"the checkpoint does not fit the run it claims to be ({error}); was it written by "
+                             f"another version of diffkd?") from None
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
+        self.global_step = checkpoint["global_step"]
+        self.history = list(checkpoint["history"])
+        self.accumulator = EpochAccumulator(self.runtime.device, checkpoint.get("epoch_state"))
+        self.best_top1, self.best_epoch = checkpoint["best_top1"], checkpoint["best_epoch"]
+        self.teacher_top1 = checkpoint["teacher_top1"]
+        self.skipped_total = checkpoint.get("skipped_steps", 0)
+        rng_states = checkpoint["rng"]
+        if len(rng_states) == self.runtime.world_size:
+            restore_rng_state(rng_states[self.runtime.rank])
+        else:
+            self.runtime.log(f"note: the checkpoint was written by {len(rng_states)} process(es) and this run has "
+                             f"{self.runtime.world_size}: random streams restart from --seed, so the run continues "
+                             f"but not bit-identically")
+            torch.manual_seed(self.args.seed + self.runtime.rank)
+        self.runtime.log(f"resumed at {describe_position(checkpoint)} (step {self.global_step}); best top-1 so far "
+                         f"{self.best_top1:.2f}% (epoch {self.best_epoch})")
+
+    # ---- finiteness, lazily -------------------------------------------------------------------------------
+    def _reset_device_counters(self) -> None:
+        device = self.runtime.device
+        self._micro_counter = torch.full((), self.global_step * self.args.grad_accum_steps, dtype=torch.int64,
+                                         device=device)
+        self._first_bad_micro = torch.full((), -1, dtype=torch.int64, device=device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+
+    def _record_loss(self, loss: torch.Tensor) -> None:
+        """Notes, on the device, the first micro-batch whose loss is not finite (fp16: the scaler handles those)."""
+        self._micro_counter += 1
+        if not self.scaler.is_enabled():
+            bad = ~torch.isfinite(loss.detach())
+            self._first_bad_micro = torch.where(bad & (self._first_bad_micro < 0), self._micro_counter,
+                                                self._first_bad_micro)
+
+    def _scaler_step(self) -> None:
+        if not self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return
+        scale_before = self.scaler._scale.clone()  # the scale only drops when the step was skipped
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = (self.scaler._scale < scale_before).long()
+        self._skipped += skipped
+        self._skipped_in_a_row = (self._skipped_in_a_row + 1) * skipped
+
+    def _check_finite(self) -> None:
+        """Synchronises once: stops the run (DivergedError) if a loss was not finite since the start, or if fp16
+        kept overflowing; counts the fp16 steps the scaler skipped."""
+        values = torch.stack([self._first_bad_micro, self._skipped, self._skipped_in_a_row]).double()
+        if self.runtime.distributed:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        first_bad, skipped, in_a_row = (int(v) for v in values.tolist())
+        if skipped:
+            self.skipped_total += skipped
+            self.accumulator.skipped_steps += skipped
+            self._skipped.zero_()
+            self.runtime.log(f"note: fp16 overflow: the gradient scaler skipped {skipped} step(s) "
+                             f"({self.skipped_total} in all)")
+        if first_bad < 0 and in_a_row < MAX_SKIPPED_IN_A_ROW:
+            return
+        kept = (f"the last good checkpoint, {self.folder.last}, is untouched: --resume continues from it"
+                if self.folder.has_checkpoint else "no checkpoint had been written yet")
+        if first_bad >= 0:
+            step = (first_bad - 1) // self.args.grad_accum_steps
+            where = f"epoch {step // self.steps_per_epoch + 1}, step {step % self.steps_per_epoch + 1}"
+            problem = f"the loss is not finite at {where}"
+        else:
+            problem = f"fp16 overflowed in {in_a_row} steps in a row (the gradient scaler skipped them all)"
+        raise DivergedError(
+            f"{problem}; training stopped and {kept}. Start a new run (--experiment NAME) with a lower --lr or "
+            f"--warmup-epochs, or without --amp / with --amp-dtype bfloat16: resuming with the same settings would "
+            f"repeat the same steps")
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def _micro_batches(self):
+        """This epoch's micro-batches from the current position on."""
+        args, loader = self.args, self.data.train_loader
+        start = self.step_in_epoch * args.grad_accum_steps * self.data.micro_batch
+        loader.sampler.set_epoch(self.epoch, start=start)
+        return iter(loader)
+
+    def _train_step(self, batches) -> dict:
+        """One optimizer step over --grad-accum-steps micro-batches; returns the last micro-batch's outputs."""
+        args, runtime = self.args, self.runtime
+        for micro in range(args.grad_accum_steps):
+            inputs, targets = self.task.to_device(next(batches), runtime.device, args.channels_last)
+            closes_step = micro + 1 == args.grad_accum_steps
+            sync = self.ddp_model.no_sync() if runtime.distributed and not closes_step else nullcontext()
+            with sync:
+                with self.precision.autocast():
+                    out = self.ddp_model(inputs, targets)
+                self._record_loss(out["loss"])
+                self.scaler.scale(out["loss"] / args.grad_accum_steps).backward()
+            out.update(self.task.train_metrics(out, targets))
+            self.accumulator.add(out, self.task.batch_size(targets))
+        self._scaler_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.steps_this_invocation += 1
+        return out
+
+    def _at_safe_point(self, out: dict, progress_rate: float | None) -> str | None:
+        """After a step: the progress line (with ``progress_rate``), finiteness and checkpoints; returns why the
+        run must pause, if it must."""
+        args, runtime = self.args, self.runtime
+        epoch_done = self.step_in_epoch == self.steps_per_epoch
+        if progress_rate is not None:
+            self._check_finite()
+            runtime.log(f"epoch {self.epoch + 1}/{args.epochs} step {self.step_in_epoch}/{self.steps_per_epoch} "
+                        f"loss {out['loss'].item():.4f} ce {out['ce_loss'].item():.4f} "
+                        f"lr {self.optimizer.param_groups[0]['lr']:.4g} {progress_rate:.0f} img/s")
+        if args.max_steps is not None and self.steps_this_invocation >= args.max_steps and not epoch_done:
+            return "max-steps"  # at an epoch end the epoch closes first
+        agreed = progress_rate is not None or not runtime.distributed  # where every process decides together
+        if agreed and runtime.any_process(self.stop.requested):
+            return "stop"
+        if self.interval_s is not None:
+            due = agreed and runtime.any_process(time.monotonic() - self.last_checkpoint_time >= self.interval_s)
+        else:
+            due = self.global_step - self.last_checkpoint_step >= self.interval_steps
+        if due and not epoch_done:
+            self._save()
+        return None
+
+    def train_epoch(self) -> str | None:
+        """Trains the current epoch from the current position to its end; returns why it paused, or None."""
+        self.model.train()
+        if self.accumulator.start_lr is None:
+            self.accumulator.start_lr = self.optimizer.param_groups[0]["lr"]
+        batches = self._micro_batches()
+        started = interval_start = time.perf_counter()
+        interval_seen = self.accumulator.seen
+        try:
+            while self.step_in_epoch < self.steps_per_epoch:
+                out = self._train_step(batches)
+                rate = None
+                if self.step_in_epoch % self.args.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch:
+                    now = time.perf_counter()
+                    images = (self.accumulator.seen - interval_seen) * self.runtime.world_size
+                    rate = images / max(now - interval_start, 1e-9)
+                    interval_start, interval_seen = now, self.accumulator.seen
+                reason = self._at_safe_point(out, rate)
+                if reason:
+                    return reason
+        finally:
+            self.accumulator.elapsed_s += time.perf_counter() - started
+        return None
+
+    def _close_epoch(self) -> None:
+        """Evaluates (when due), records the epoch's row, checkpoints the epoch end and writes the outputs."""
+        args, runtime = self.args, self.runtime
+        epoch = self.epoch + 1
+        means = self.accumulator.means(runtime)
+        images = means.pop("images")
+        row = {"epoch": epoch, "lr": self.accumulator.start_lr, **means, "steps": self.steps_per_epoch,
+               "epoch_time_s": self.accumulator.elapsed_s, "images_per_s": images / max(self.accumulator.elapsed_s,
+                                                                                        1e-9)}
+        if self.scaler.is_enabled():
+            row["skipped_steps"] = self.accumulator.skipped_steps
+        if epoch == args.epochs or epoch % args.eval_interval == 0:
+            val = self.task.evaluate(self.model.student, self.data.val_loader, runtime, self.precision,
+                                     args.channels_last, self.stop)
+            row.update({f"val_{k}": v for k, v in val.items()})
+        is_best = row.get("val_" + self.task.metric, -1.0) > self.best_top1
+        if is_best:
+            self.best_top1, self.best_epoch = row["val_" + self.task.metric], epoch
+        self.history.append(row)
+        self.epoch, self.step_in_epoch = epoch, 0
+        self.accumulator = EpochAccumulator(runtime.device)
+        self._save(is_best=is_best)
+        # Terms that are zero throughout (a head's AE loss without an AE) are left out of the line.
+        terms = " ".join(f"{k[6:]} {v:.4g}" for k, v in means.items()
+                         if k not in ("train_loss", "train_top1") and v != 0)
+        test = f"test {self.task.describe({k[4:]: v for k, v in row.items() if k.startswith('val_')})}" \
+            if "val_" + self.task.metric in row else "not evaluated"
+        runtime.log(f"epoch {epoch}/{args.epochs}: train loss {means['train_loss']:.4f} ({terms}) | {test} | "
+                    f"{row['images_per_s']:.0f} img/s, {row['epoch_time_s']:.1f} s")
+        if runtime.is_main:
+            self.folder.write_outputs(self.history, self.title)
+
+    @property
+    def title(self) -> str:
+        models = self.args.student if self.args.method == "none" else f"{self.args.teacher} → {self.args.student}"
+        return f"{self.folder.path.name}: {self.args.method}, {models}, seed {self.args.seed}"
+
+    def fit(self) -> RunResult:
+        args, runtime = self.args, self.runtime
+        try:
+            self.measure_teacher()
+            if self.epoch >= args.epochs:
+                runtime.log(f"nothing to do: the run already finished its {args.epochs} epochs")
+            while self.epoch < args.epochs:
+                reason = self.train_epoch()
+                if reason:
+                    return self._pause(reason)
+                self._close_epoch()
+                if args.max_steps is not None and self.steps_this_invocation >= args.max_steps \
+                        and self.epoch < args.epochs:
+                    return self._pause("max-steps")
+        except EvaluationInterrupted:
+            return self._pause("stop")
+        last = self._last_evaluated()
+        teacher = f"; teacher {self.teacher_top1:.2f}%" if self.teacher_top1 is not None else ""
+        runtime.log(f"final: last-epoch top-1 {last:.2f}% (epoch {self.epoch}), best top-1 {self.best_top1:.2f}% "
+                    f"(epoch {self.best_epoch}){teacher}; outputs in {self.folder}")
+        return self._result(last, finished=True)
+
+    def _last_evaluated(self) -> float:
+        key = "val_" + self.task.metric
+        return next((row[key] for row in reversed(self.history) if key in row), float("nan"))
+
+    def _result(self, last: float, finished: bool) -> RunResult:
+        return RunResult(self.folder, last, self.best_top1, self.best_epoch, self.teacher_top1, self.data.val_size,
+                         finished)
+
+    def _pause(self, reason: str) -> RunResult:
+        """Checkpoints the position; after --max-steps tests the student as it stands, after a stop raises."""
+        if self.global_step != self.last_checkpoint_step or not self.folder.has_checkpoint:
+            self._save()
+        where = describe_position({"epoch": self.epoch, "step_in_epoch": self.step_in_epoch})
+        command = f"python -m diffkd.train --resume {self.folder}"
+        if reason == "stop":
+            self.runtime.log(f"stopped ({self.stop.reason}) at {where}; the position is saved in {self.folder.last}")
+            raise RunInterrupted(f"stopped at {where}; the position is saved in {self.folder.last}", command)
+        if self.step_in_epoch == 0 and self.history and "val_" + self.task.metric in self.history[-1]:
+            value = self._last_evaluated()
+            self.runtime.log(f"stopped at --max-steps {self.args.max_steps}, at {where}; continue with: {command}")
+        else:
+            val = self.task.evaluate(self.model.student, self.data.val_loader, self.runtime, self.precision,
+                                     self.args.channels_last)
+            value = val[self.task.metric]
+            self.runtime.log(f"stopped at --max-steps {self.args.max_steps}, at {where}: test "
+                             f"{self.task.describe(val)} (mid-run, not in summary.csv); continue with: {command}")
+        return self._result(value, finished=False)

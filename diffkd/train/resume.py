@@ -1,0 +1,123 @@
+"""A run's settings before anything is built: resolved for a new run, restored for a resumed one.
+
+What a run records is what it needs to be continued from anywhere: absolute paths, the teacher file's content
+hash, the device and the CPU thread count (both shape the arithmetic).  ``--resume`` restores all of them before the
+runtime is set up; a setting given again with another value is refused, except the few that change neither the
+model nor the data order (``ADJUSTABLE``) and ``--epochs`` (which extends or shortens the run).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffkd.files import file_sha256
+from diffkd.train.build import resolve_path
+from diffkd.train.checkpoint import read_checkpoint
+from diffkd.train.cli import apply_recipe, build_parser
+from diffkd.train.errors import UsageError
+from diffkd.train.run_folder import LAST, RunFolder, default_experiment_name
+from diffkd.train.runtime import default_threads, resolve_device
+
+# Settings that may differ when a run is resumed: they change neither the model nor the data order.
+ADJUSTABLE = ("data_dir", "workers", "log_interval", "eval_interval", "eval_batch_size", "checkpoint_interval")
+# Where the run is, not what it is: --resume FOLDER decides.
+LOCATION = ("output", "experiment")
+
+
+def _teacher_used(args) -> bool:
+    return args.method != "none" and bool(args.teacher_ckpt)
+
+
+def resolve_new_run(args: argparse.Namespace) -> None:
+    """Fills in what a new run records: absolute paths, the teacher's hash, the device and the threads."""
+    if args.teacher_ckpt == "demo":
+        from diffkd.train.demo import cached_demo_teacher
+        args.teacher, args.teacher_ckpt = cached_demo_teacher(args.dataset, args.teacher)
+    args.data_dir, args.output = resolve_path(args.data_dir), resolve_path(args.output)
+    args.teacher_ckpt = resolve_path(args.teacher_ckpt)
+    teacher_file = Path(args.teacher_ckpt) if args.teacher_ckpt else None
+    args.teacher_ckpt_sha256 = (file_sha256(teacher_file) if _teacher_used(args) and teacher_file.is_file()
+                                else None)
+    args.device = resolve_device(args.device)
+    args.threads = args.threads or default_threads()
+
+
+def _locate(args: argparse.Namespace) -> tuple[RunFolder, Path | None]:
+    """The run folder to resume and the checkpoint file in it (None when the run stopped before its first)."""
+    if args.resume:
+        given = Path(args.resume)
+        if given.is_file():
+            return RunFolder(given.parent), given
+        folder = RunFolder(given)
+    else:
+        folder = RunFolder(Path(args.output) / (args.experiment or default_experiment_name(args)))
+    if not folder.path.is_dir():
+        raise UsageError(f"--resume: there is no run folder {folder}; pass --resume with the experiment folder (or a "
+                         f"checkpoint file in it) of the run to continue")
+    return folder, folder.last if folder.has_checkpoint else None
+
+
+def _check_teacher(merged: argparse.Namespace, args: argparse.Namespace, explicit: set[str]) -> None:
+    """The teacher file is found by its recorded path or the one given now, and must have the recorded content."""
+    if not _teacher_used(merged):
+        return
+    recorded_hash = getattr(merged, "teacher_ckpt_sha256", None)
+    if "teacher_ckpt" in explicit:
+        candidate = Path(resolve_path(args.teacher_ckpt))
+        if not candidate.is_file():
+            raise UsageError(f"--teacher-ckpt {candidate} does not exist")
+        if recorded_hash and file_sha256(candidate) != recorded_hash:
+            raise UsageError(f"--teacher-ckpt {candidate} is not the teacher this run was trained with (its content "
+                             f"differs from {merged.teacher_ckpt}); resume with the same teacher file")
+        merged.teacher_ckpt = str(candidate)
+        return
+    recorded = Path(merged.teacher_ckpt)
+    if not recorded.is_file():
+        raise UsageError(f"the run's teacher file {recorded} is missing; if it moved, pass --teacher-ckpt NEW_PATH "
+                         f"(it is checked against the content the run started with)")
+    if recorded_hash and file_sha256(recorded) != recorded_hash:
+        raise UsageError(f"the run's teacher file {recorded} changed since the run started (its content hash "
+                         f"differs); put the original back, or start a new run (--experiment NAME)")
+
+
+def resolve_resume(args: argparse.Namespace, explicit: set[str]) -> tuple[argparse.Namespace, dict | None, list[str]]:
+    """The saved run's settings, with the adjustable ones given now, its checkpoint (None: start from step 0, for
+    a run that stopped before its first checkpoint) and notes for the log."""
+    folder, path = _locate(args)
+    checkpoint = read_checkpoint(path) if path is not None else None
+    saved = dict(checkpoint["args"]) if checkpoint is not None else folder.saved_args()
+    if saved is None:
+        raise UsageError(f"--resume: {folder} holds neither {LAST} nor args.yaml, so there is no run to continue; "
+                         f"start one with the flags you want (and --experiment {folder.path.name})")
+    saved.pop("max_steps", None)  # runs of older versions recorded it; it caps one invocation only
+    defaults = build_parser().parse_args(["--dataset", saved.get("dataset", "fashion-mnist")])
+    apply_recipe(defaults)
+    merged = argparse.Namespace(**{**vars(defaults), **saved})
+    merged.threads = merged.threads or default_threads()
+    merged.device = resolve_device(merged.device)
+    given = {key: getattr(args, key) for key in explicit}
+    if "device" in given:
+        given["device"] = resolve_device(given["device"])
+    if "data_dir" in given:
+        given["data_dir"] = resolve_path(given["data_dir"])
+    fixed = set(given) - set(ADJUSTABLE) - set(LOCATION) - {"epochs", "teacher_ckpt", "max_steps"}
+    changed = [f"{key} (saved {saved.get(key)!r}, given {given[key]!r})" for key in sorted(fixed)
+               if key in vars(merged) and getattr(merged, key) != given[key]]
+    if changed:
+        why = (" (the device and the CPU thread count change the arithmetic, so the run would not continue "
+               "bit-identically)" if {"threads", "device"} & {c.split(" ")[0] for c in changed} else "")
+        raise UsageError(f"--resume continues the saved run, whose settings differ from the ones given: "
+                         f"{'; '.join(changed)}{why}. Drop those flags, or start a new run with --experiment NAME")
+    for key in set(given) & {*ADJUSTABLE, "epochs"}:
+        setattr(merged, key, given[key])
+    _check_teacher(merged, args, explicit)
+    notes = []
+    if merged.epochs != saved["epochs"]:
+        notes.append(f"note: --epochs changed from {saved['epochs']} to {merged.epochs}: the LR schedule is "
+                     f"recomputed for the new length")
+    if checkpoint is None:
+        notes.append(f"note: {folder} holds no checkpoint (its run stopped before the first one): starting it from "
+                     f"step 0 with its recorded settings")
+    merged.output, merged.experiment = str(folder.path.parent.resolve()), folder.path.name
+    merged.resume, merged.max_steps, merged.config = str(path or folder.path), args.max_steps, None
+    return merged, checkpoint, notes
