@@ -53,7 +53,7 @@ def _locate(args: argparse.Namespace) -> tuple[RunFolder, Path | None]:
         folder = RunFolder(Path(args.output) / (args.experiment or default_experiment_name(args)))
     if not folder.path.is_dir():
         raise UsageError(f"--resume: there is no run folder {folder}; pass --resume with the experiment folder (or a "
-                         f"checkpoint file in it) of the run to continue")
+                         f"checkpoint file in it) of the run to continue, or --demo --resume to continue the demo")
     return folder, folder.last if folder.has_checkpoint else None
 
 
