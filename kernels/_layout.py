@@ -14,6 +14,10 @@ write one partial per program (or per program and row) into a buffer indexed by 
 finished by a deterministic sum — no atomics.
 
 Tensors of 2 or 3 dims, (B, C) and (B, C, L), are handled as (B, C, 1, 1) and (B, C, L, 1) views.
+
+Everything a launch needs besides its pointers — strides, the merged-layout decision, tiles, grid, the layouts
+of the outputs — depends only on the tensors' signatures, so each op computes it once per signature
+(``plan_elementwise``, cached by ``kernels._common.SignatureCache``) and then launches straight from the plan.
 """
 from __future__ import annotations
 
@@ -21,13 +25,13 @@ from typing import NamedTuple
 
 import torch
 
+from kernels import _common
 from kernels._common import interpreter_enabled, memory_format_of, new_output
 from kernels._triton import tl, triton
 
 # Elements per tile: large in the interpreter, where every program costs milliseconds.
 GPU_TILE_ELEMENTS = 2048
 INTERPRETER_TILE_ELEMENTS = 16384
-INT32_LIMIT = 2 ** 31
 
 
 def as_bchw(t: torch.Tensor, name: str, op: str) -> torch.Tensor:
@@ -101,11 +105,53 @@ def plan_tiles(out: torch.Tensor) -> TilePlan:
     return TilePlan(block_c, block_r, grid, 4 if block_c * block_r <= 2048 else 8)
 
 
-def check_index_range(op: str, t: torch.Tensor) -> None:
-    """Kernels index elements (and noise) with 32-bit logical indices."""
-    if t.numel() >= INT32_LIMIT:
-        raise ValueError(f"{op}: tensors of {t.numel()} elements are too large for the Triton backend "
-                         f"(limit {INT32_LIMIT - 1}); split the batch or use backend='torch'")
+class OutputLayout(NamedTuple):
+    """Shape, strides, dtype and device of a kernel output; duck-types as a tensor for the stride helpers."""
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def stride(self, dim: int | None = None):
+        return self.strides if dim is None else self.strides[dim]
+
+
+def output_layout(like: torch.Tensor, shape=None, dtype: torch.dtype | None = None) -> OutputLayout:
+    """An output of ``shape`` (default: like's) in ``like``'s memory format (channels-last stays channels-last)."""
+    shape = tuple(like.shape if shape is None else shape)
+    strides = torch.empty(shape, device="meta", memory_format=memory_format_of(like)).stride()
+    return OutputLayout(shape, strides, dtype or like.dtype, like.device)
+
+
+def allocate(layout: OutputLayout) -> torch.Tensor:
+    """A new output with ``layout`` (NaN-filled under ``DIFFKD_POISON_OUTPUTS``, see kernels._common)."""
+    out = torch.empty_strided(layout.shape, layout.strides, dtype=layout.dtype, device=layout.device)
+    return out.fill_(float("nan")) if _common.POISON_OUTPUTS else out
+
+
+class ElementwisePlan(NamedTuple):
+    """Everything an elementwise launch needs besides its pointers and float scalars, fixed per signature."""
+    grid: tuple[int, int]
+    args: tuple[int, ...]  # the kernel's integer arguments: extras, then C, R, S, W, then 4 strides per slot
+    options: dict  # constexprs (MERGED_HW, COMPUTE_DTYPE, BLOCK_C, BLOCK_R and the op's own) and num_warps
+    outputs: tuple[OutputLayout, ...]
+
+
+def plan_elementwise(slots, *, tiles_over, outputs: tuple[OutputLayout, ...], dtype: torch.dtype, extras=(),
+                     constexprs: dict | None = None) -> ElementwisePlan:
+    """The plan of a pass over tensors shaped like ``tiles_over`` (4-D).
+
+    ``slots``: in the kernel's order of stride arguments, a 4-D tensor or output layout, or None for an absent
+    operand (zero strides).  Tiles follow ``tiles_over`` (the tensor written, or read when nothing is); the
+    kernel computes in ``compute_dtype(dtype)``.
+    """
+    present = [slot for slot in slots if slot is not None]
+    merged = spatially_mergeable(*present)
+    tiles = plan_tiles(tiles_over)
+    strides = [stride for slot in slots for stride in optional_strides(slot, merged)]
+    options = {"MERGED_HW": merged, "COMPUTE_DTYPE": compute_dtype(dtype), "BLOCK_C": tiles.block_c,
+               "BLOCK_R": tiles.block_r, "num_warps": tiles.num_warps, **(constexprs or {})}
+    return ElementwisePlan(tiles.grid, (*extras, *matrix_sizes(tiles_over), *strides), options, outputs)
 
 
 @triton.jit

@@ -41,24 +41,29 @@ def check_seed(op: str, seed) -> None:
         raise ValueError(f"{op}: seed {seed} does not fit in int64")
 
 
-def seed_tensor(op: str, seed, device: torch.device) -> torch.Tensor:
-    """The seed as a one-element int64 tensor on ``device``; a tensor already in that form is used in place."""
-    check_seed(op, seed)
+def seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """A checked seed as a one-element int64 tensor on ``device``; one already in that form is used in place."""
     if isinstance(seed, torch.Tensor):
         # In place when already int64 on ``device`` (what a CUDA graph needs); otherwise a copy.
+        if seed.dtype == torch.int64 and seed.device == device:
+            return seed if seed.dim() == 1 else seed.reshape(1)
         return seed.reshape(1).to(device=device, dtype=torch.int64)
     return torch.full((1,), seed, dtype=torch.int64, device=device)
 
 
-def check_noise_source(op: str, like: torch.Tensor, like_name: str, noise: torch.Tensor | None, seed) -> None:
-    """Explicit noise must match ``like``; without it a seed is required."""
-    if noise is None:
-        if seed is None:
-            raise ValueError(f"{op}: pass either noise (a tensor shaped like {like_name}) or seed (an int or a "
-                             "one-element int64 tensor) so the noise can be drawn in-kernel")
-        check_seed(op, seed)
+def check_noise_source(op: str, like_name: str, noise: torch.Tensor | None, seed) -> None:
+    """Without explicit noise a valid seed is required (checked on every call: seeds change between calls)."""
+    if noise is not None:
         return
-    if noise.shape != like.shape:
+    if seed is None:
+        raise ValueError(f"{op}: pass either noise (a tensor shaped like {like_name}) or seed (an int or a "
+                         "one-element int64 tensor) so the noise can be drawn in-kernel")
+    check_seed(op, seed)
+
+
+def check_noise_shape(op: str, like: torch.Tensor, like_name: str, noise: torch.Tensor | None) -> None:
+    """Explicit noise must have the shape of ``like``."""
+    if noise is not None and noise.shape != like.shape:
         raise ValueError(f"{op}: noise must have the shape of {like_name} {tuple(like.shape)}, "
                          f"got {tuple(noise.shape)}")
 

@@ -9,20 +9,22 @@ Seeds and the noise stream are described in ``kernels._noise``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels import reference
-from kernels._common import check_same_device_and_dtype, resolve_backend
-from kernels._layout import (accumulation_dtype, as_bchw, check_index_range, compute_dtype, matrix_sizes,
-                             new_output, new_output_like, optional_strides, plan_tiles, spatially_mergeable,
-                             strides_bchw, tile_coordinates, tile_offsets)
-from kernels._noise import check_noise_source, noise_tile, seed_tensor
+from kernels._common import (SignatureCache, backend_traits, check_same_device_and_dtype, checked_calls,
+                             choose_backend, eager_autograd)
+from kernels._layout import (accumulation_dtype, allocate, as_bchw, new_output, new_output_like, output_layout,
+                             plan_elementwise, tile_coordinates, tile_offsets)
+from kernels._noise import check_noise_shape, check_noise_source, noise_tile, seed_tensor
 from kernels._triton import tl, triton
 
 
 @triton.jit
-def _noise_blend_kernel(z_ptr, gamma_ptr, noise_ptr, seed_ptr, out_ptr, C, R, S, W,
-                        z_sb, z_sc, z_sh, z_sw, gamma_stride, n_sb, n_sc, n_sh, n_sw, o_sb, o_sc, o_sh, o_sw,
+def _noise_blend_kernel(z_ptr, gamma_ptr, noise_ptr, seed_ptr, out_ptr, gamma_stride, C, R, S, W,
+                        z_sb, z_sc, z_sh, z_sw, n_sb, n_sc, n_sh, n_sw, o_sb, o_sc, o_sh, o_sw,
                         NOISE_IN_KERNEL: tl.constexpr, MERGED_HW: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     channels, rows, mask = tile_coordinates(C, R, BLOCK_C, BLOCK_R)
@@ -37,8 +39,8 @@ def _noise_blend_kernel(z_ptr, gamma_ptr, noise_ptr, seed_ptr, out_ptr, C, R, S,
 
 @triton.jit
 def _noise_blend_backward_kernel(grad_ptr, z_ptr, gamma_ptr, noise_ptr, seed_ptr, dz_ptr, dnoise_ptr,
-                                 dgamma_partial_ptr, C, R, S, W,
-                                 g_sb, g_sc, g_sh, g_sw, z_sb, z_sc, z_sh, z_sw, gamma_stride,
+                                 dgamma_partial_ptr, gamma_stride, C, R, S, W,
+                                 g_sb, g_sc, g_sh, g_sw, z_sb, z_sc, z_sh, z_sw,
                                  n_sb, n_sc, n_sh, n_sw, dz_sb, dz_sc, dz_sh, dz_sw, dn_sb, dn_sc, dn_sh, dn_sw,
                                  NOISE_IN_KERNEL: tl.constexpr, NOISE_GRAD: tl.constexpr, MERGED_HW: tl.constexpr,
                                  COMPUTE_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -61,37 +63,64 @@ def _noise_blend_backward_kernel(grad_ptr, z_ptr, gamma_ptr, noise_ptr, seed_ptr
              mask=rows < R)
 
 
-def _launch_forward(z, gamma, noise, seed):
-    out = new_output_like(z)
-    merged = spatially_mergeable(z, out, *([noise] if noise is not None else []))
-    plan = plan_tiles(out)
-    _noise_blend_kernel[plan.grid](
-        z, gamma, noise if noise is not None else z, seed if seed is not None else gamma, out, *matrix_sizes(z),
-        *strides_bchw(z, merged), gamma.stride(0), *optional_strides(noise, merged), *strides_bchw(out, merged),
-        NOISE_IN_KERNEL=noise is None, MERGED_HW=merged, COMPUTE_DTYPE=compute_dtype(z.dtype),
-        BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, num_warps=plan.num_warps)
+# ---- launchers --------------------------------------------------------------------------------------------------
+def _forward_plan(z, gamma, noise):
+    out = output_layout(z)
+    return plan_elementwise([z, noise, out], tiles_over=out, outputs=(out,), dtype=z.dtype,
+                            extras=(gamma.stride(0),), constexprs={"NOISE_IN_KERNEL": noise is None})
+
+
+_FORWARD_PLANS = SignatureCache(_forward_plan)
+
+
+def _launch_forward(z, gamma, noise, seed, plan=None):
+    """The blend of 4-D z; ε is ``noise``, or drawn from the seed tensor when noise is None.  ``plan``: the
+    caller's, else looked up for these tensors."""
+    if plan is None:
+        plan = _FORWARD_PLANS(z, gamma, noise)
+    out = allocate(plan.outputs[0])
+    _noise_blend_kernel[plan.grid](z, gamma, noise if noise is not None else z, seed if seed is not None else gamma,
+                                   out, *plan.args, **plan.options)
     return out
 
 
+def _backward_plan(grad, z, gamma, noise, noise_grad):
+    grads = output_layout(grad)
+    return plan_elementwise([grad, z, noise, grads, grads if noise_grad else None], tiles_over=grads,
+                            outputs=(grads,), dtype=z.dtype, extras=(gamma.stride(0),),
+                            constexprs={"NOISE_IN_KERNEL": noise is None, "NOISE_GRAD": noise_grad})
+
+
+_BACKWARD_PLANS = SignatureCache(_backward_plan)
+
+
 def _launch_backward(grad, z, gamma, noise, seed, noise_grad):
-    dz = new_output_like(grad)
-    dnoise = new_output_like(grad) if noise_grad else None
-    merged = spatially_mergeable(grad, z, dz, *[t for t in (noise, dnoise) if t is not None])
-    plan = plan_tiles(dz)
-    _, rows, positions, _ = matrix_sizes(z)
-    partials = new_output((plan.grid[1], rows), like=z, dtype=accumulation_dtype(z.dtype))
+    plan = _BACKWARD_PLANS(grad, z, gamma, noise, noise_grad)
+    dz = allocate(plan.outputs[0])
+    dnoise = allocate(plan.outputs[0]) if noise_grad else None
+    batch, _, height, width = z.shape
+    partials = new_output((plan.grid[1], batch * height * width), like=z, dtype=accumulation_dtype(z.dtype))
     _noise_blend_backward_kernel[plan.grid](
         grad, z, gamma, noise if noise is not None else z, seed if seed is not None else gamma, dz,
-        dnoise if noise_grad else dz, partials, *matrix_sizes(z),
-        *strides_bchw(grad, merged), *strides_bchw(z, merged), gamma.stride(0),
-        *optional_strides(noise, merged), *strides_bchw(dz, merged), *optional_strides(dnoise, merged),
-        NOISE_IN_KERNEL=noise is None, NOISE_GRAD=noise_grad, MERGED_HW=merged,
-        COMPUTE_DTYPE=compute_dtype(z.dtype), BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, num_warps=plan.num_warps)
-    dgamma = partials.view(plan.grid[1], z.shape[0], positions).sum(dim=(0, 2)).to(gamma.dtype)
+        dnoise if noise_grad else dz, partials, *plan.args, **plan.options)
+    dgamma = partials.view(plan.grid[1], batch, height * width).sum(dim=(0, 2)).to(gamma.dtype)
     return dz, dgamma, dnoise if noise_grad else grad.new_empty(0)
 
 
-# ---- operators (torch.library: eager, opcheck, torch.compile) -------------------------------------------------
+# ---- autograd, shared by the traced op and the eager Function: ``backward`` is the op or the launcher -----------
+def _save_for_backward(ctx, inputs, output):
+    z, gamma, noise, seed = inputs
+    ctx.save_for_backward(z, gamma, noise, seed)
+    ctx.noise_grad = noise is not None and ctx.needs_input_grad[2]
+
+
+def _input_grads(backward, ctx, grad):
+    z, gamma, noise, seed = ctx.saved_tensors
+    dz, dgamma, dnoise = backward(grad, z, gamma, noise, seed, ctx.noise_grad)
+    return dz, dgamma, dnoise if ctx.noise_grad else None, None
+
+
+# ---- operators (torch.library: torch.compile and opcheck) -----------------------------------------------------
 @torch.library.custom_op("diffkd::noise_blend", mutates_args=())
 def _noise_blend_op(z: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor | None,
                     seed: torch.Tensor | None) -> torch.Tensor:
@@ -117,22 +146,28 @@ def _(grad, z, gamma, noise, seed, noise_grad):
         new_output_like(grad) if noise_grad else grad.new_empty(0)
 
 
-def _save_for_backward(ctx, inputs, output):
-    z, gamma, noise, seed = inputs
-    ctx.save_for_backward(z, gamma, noise, seed)
-    ctx.noise_grad = noise is not None and ctx.needs_input_grad[2]
+_noise_blend_op.register_autograd(functools.partial(_input_grads, _noise_blend_backward_op),
+                                  setup_context=_save_for_backward)
 
-
-def _noise_blend_backward(ctx, grad):
-    z, gamma, noise, seed = ctx.saved_tensors
-    dz, dgamma, dnoise = torch.ops.diffkd.noise_blend_backward(grad, z, gamma, noise, seed, ctx.noise_grad)
-    return dz, dgamma, dnoise if ctx.noise_grad else None, None
-
-
-_noise_blend_op.register_autograd(_noise_blend_backward, setup_context=_save_for_backward)
+# ---- eager autograd (no dispatcher) -----------------------------------------------------------------------------
+_EagerBlend = eager_autograd("NoiseBlend", _launch_forward, _save_for_backward,
+                             functools.partial(_input_grads, _launch_backward))
 
 
 # ---- public API -------------------------------------------------------------------------------------------------
+def _check_inputs(z: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor | None):
+    check_noise_shape("noise_blend", z, "z", noise)
+    check_same_device_and_dtype("noise_blend", z=z, gamma=gamma, **({"noise": noise} if noise is not None else {}))
+    as_bchw(z, "z", "noise_blend")
+    if gamma.shape != (z.shape[0],):
+        raise ValueError(f"noise_blend: gamma must hold one value per sample, shape ({z.shape[0]},), "
+                         f"got {tuple(gamma.shape)}")
+    return backend_traits(z, gamma, noise)
+
+
+_CALLS = checked_calls(_check_inputs)
+
+
 def noise_blend(z: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor | None = None, seed=None, *,
                 backend: str | None = None) -> torch.Tensor:
     """Adaptive noise matching: γ_b·z + (1−γ_b)·ε for (B, C[, H[, W]]) tensors of any layout, γ of shape (B,).
@@ -142,16 +177,15 @@ def noise_blend(z: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor | None
     "triton" backends draw different noise for the same seed.  The output keeps z's memory format.
     Gradients: dz = γ·g, dγ_b = Σ g·(z − ε), dε = (1−γ)·g; in-kernel noise is regenerated, never stored.
     """
-    check_noise_source("noise_blend", z, "z", noise, seed)
-    tensors = {"z": z, "gamma": gamma, **({"noise": noise} if noise is not None else {})}
-    check_same_device_and_dtype("noise_blend", **tensors)
-    z4 = as_bchw(z, "z", "noise_blend")
-    if gamma.shape != (z.shape[0],):
-        raise ValueError(f"noise_blend: gamma must hold one value per sample, shape ({z.shape[0]},), "
-                         f"got {tuple(gamma.shape)}")
-    if resolve_backend(backend, *tensors.values()) == "torch":
+    check_noise_source("noise_blend", "z", noise, seed)
+    call = _CALLS(z, gamma, noise)
+    if choose_backend(backend, "noise_blend", call.traits) == "torch":
         return reference.noise_blend(z, gamma, noise, seed)
-    check_index_range("noise_blend", z)
-    if noise is not None:
-        return _noise_blend_op(z4, gamma, as_bchw(noise, "noise", "noise_blend"), None).reshape(z.shape)
-    return _noise_blend_op(z4, gamma, None, seed_tensor("noise_blend", seed, z.device)).reshape(z.shape)
+    z4 = as_bchw(z, "z", "noise_blend")
+    noise4 = as_bchw(noise, "noise", "noise_blend") if noise is not None else None
+    seed_buffer = seed_tensor(seed, z.device) if noise is None else None
+    if torch.compiler.is_compiling():
+        out = _noise_blend_op(z4, gamma, noise4, seed_buffer)
+    else:
+        out = _EagerBlend.apply(z4, gamma, noise4, seed_buffer, call.forward_plan(_forward_plan, z4, gamma, noise4))
+    return out if z.dim() == 4 else out.reshape(z.shape)

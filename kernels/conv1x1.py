@@ -12,11 +12,15 @@ set, IEEE fp32 otherwise; the operands are rounded to TF32 in the kernel (the te
 which gives cuBLAS's TF32 error.  fp16/bf16 use tensor cores with fp32 accumulation.  Triton's interpreter
 computes the products in fp32 (its half-precision ``tl.dot`` is unreliable), which is exact for bf16/fp16 products.
 
-Backend choice: "auto" keeps PyTorch (cuDNN) for conv1x1: a plain 1×1 convolution with bias fuses nothing that
-cuDNN does not fuse already, and cuDNN measured 3-7× faster than this GEMM on an H200 (bf16 channels-last,
-B·H·W = 6272, 1024 → 256: 0.019 ms vs 0.06-0.13 ms; fp32 with TF32: 0.02 ms vs 0.22 ms).  Ask for
-backend="triton" (or DIFFKD_BACKEND=triton) to run the kernel.  Under autocast the inputs are cast to the
-autocast dtype first, as ``F.conv2d`` does.
+Backend choice: "auto" runs PyTorch (cuDNN) outside CUDA graphs and, inside them, whatever the table
+``AUTO_TRITON_IN_GRAPHS`` of ``kernels._common`` says (its comment records what has been measured).  A plain 1×1
+convolution with bias fuses nothing that cuDNN does not fuse already; eager timings on an H200 put cuDNN well
+ahead (bf16 channels-last, B·H·W = 6272, 1024 → 256: 0.019 ms vs 0.13 ms), but those Triton calls still carried
+~100 µs of host time each.  backend="triton" (or DIFFKD_BACKEND=triton) always runs the kernel.  Under autocast
+the inputs are cast to the autocast dtype first, as ``F.conv2d`` does.
+
+Configs: on a GPU the first call of each (M, N, K, dtype) benchmarks the configs below once; every later call
+with the same signature launches the chosen config directly (``kernels._common.TunedLaunch``).
 """
 from __future__ import annotations
 
@@ -24,10 +28,14 @@ import functools
 
 import torch
 
+from typing import NamedTuple
+
 from kernels import reference
-from kernels._common import (check_same_device_and_dtype, interpreter_enabled, memory_format_of, new_output,
-                             resolve_backend, validate_backend_name)
-from kernels._layout import accumulation_dtype, compute_dtype, row_offsets, spatially_mergeable, strides_bchw
+from kernels._common import (SignatureCache, TunedLaunch, backend_traits, check_same_device_and_dtype,
+                             checked_calls, choose_backend, eager_autograd, interpreter_enabled, memory_format_of,
+                             new_output)
+from kernels._layout import (OutputLayout, accumulation_dtype, allocate, compute_dtype, output_layout, row_offsets,
+                             spatially_mergeable, strides_bchw)
 from kernels._triton import tl, triton
 
 # The interpreter gets one config (autotuning over several fails there) and small tiles, so that the tests'
@@ -155,30 +163,57 @@ def _conv1x1_weight_grad_kernel(g_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, S, W, row
                  mask=n_mask & (k_block == 0))
 
 
-def _precision(dtype: torch.dtype) -> dict:
-    """The GEMM kernels' precision constexprs for inputs of ``dtype``."""
+@functools.lru_cache(maxsize=None)
+def _precision_constexprs(dtype: torch.dtype, tf32_allowed: bool) -> dict:
     half = dtype in (torch.float16, torch.bfloat16)
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreter_enabled()
+    tf32 = dtype == torch.float32 and tf32_allowed and not interpreter_enabled()
     return {"UPCAST": half and interpreter_enabled(), "ACC_DTYPE": compute_dtype(dtype),
             "INPUT_PRECISION": "tf32" if tf32 else "ieee", "ROUND_TF32": tf32}
 
 
-def _launch_forward(x, weight, bias):
+def _precision(dtype: torch.dtype) -> dict:
+    """The GEMM kernels' precision constexprs for inputs of ``dtype`` under the current TF32 setting."""
+    return _precision_constexprs(dtype, dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _GemmPlan(NamedTuple):
+    """One GEMM signature's launch: integer arguments, constexprs (besides precision), outputs, tuned launch."""
+    args: tuple[int, ...]
+    options: dict
+    outputs: tuple
+    launch: TunedLaunch
+    splits: int = 1  # row ranges of the dW reduction
+
+
+def _forward_plan(x, weight, bias):
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
-    y = new_output((batch, out_channels, height, width), like=x, memory_format=memory_format_of(x))
+    y = output_layout(x, shape=(batch, out_channels, height, width))
     merged = spatially_mergeable(x, y)
-    x_sb, x_sc, x_sh, x_sw = strides_bchw(x, merged)
-    y_sb, y_sc, y_sh, y_sw = strides_bchw(y, merged)
     rows = batch * height * width
 
-    def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_channels, meta["BLOCK_N"]),)
+    def grid(config):
+        return (_cdiv(rows, config["BLOCK_M"]) * _cdiv(out_channels, config["BLOCK_N"]),)
 
-    _conv1x1_kernel[grid](
-        x, weight, bias if bias is not None else weight, y, rows, out_channels, in_channels, height * width, width,
-        x_sb, x_sc, x_sh, x_sw, weight.stride(0), weight.stride(1), y_sb, y_sc, y_sh, y_sw,
-        HAS_BIAS=bias is not None, MERGED_HW=merged, **_precision(x.dtype))
+    args = (rows, out_channels, in_channels, height * width, width, *strides_bchw(x, merged), weight.stride(0),
+            weight.stride(1), *strides_bchw(y, merged))
+    return _GemmPlan(args, {"HAS_BIAS": bias is not None, "MERGED_HW": merged}, (y,), TunedLaunch(grid))
+
+
+_FORWARD_PLANS = SignatureCache(_forward_plan)
+
+
+def _launch_forward(x, weight, bias, plan=None):
+    """Y = conv1x1(x, weight, bias) for 4-D x; ``plan``: the caller's, else looked up for these tensors."""
+    if plan is None:
+        plan = _FORWARD_PLANS(x, weight, bias)
+    y = allocate(plan.outputs[0])
+    plan.launch(_conv1x1_kernel, x, weight, bias if bias is not None else weight, y, *plan.args, **plan.options,
+                **_precision(x.dtype))
     return y
 
 
@@ -196,31 +231,59 @@ def _row_split(rows: int, tiles: int, device: torch.device) -> tuple[int, int]:
     return -(-rows // rows_per_split), rows_per_split
 
 
-def _launch_weight_grad(grad, x, bias_grad):
+def _weight_grad_plan(grad, x, bias_grad):
     batch, in_channels, height, width = x.shape
     out_channels = grad.shape[1]
     rows = batch * height * width
-    tiles = triton.cdiv(out_channels, _WGRAD_TILE) * triton.cdiv(in_channels, _WGRAD_TILE)
+    tiles = _cdiv(out_channels, _WGRAD_TILE) * _cdiv(in_channels, _WGRAD_TILE)
     splits, rows_per_split = _row_split(rows, tiles, x.device)
-    if splits == 1:  # written in place, in the final dtype
-        dw = new_output((out_channels, in_channels), like=x)
-        db = new_output((out_channels,), like=x) if bias_grad else dw
-    else:
-        dw = new_output((splits, out_channels, in_channels), like=x, dtype=accumulation_dtype(x.dtype))
-        db = new_output((splits, out_channels), like=x, dtype=accumulation_dtype(x.dtype)) if bias_grad else dw
+    # One range writes dW (and db) in place in the final dtype; several write fp32 partials, summed after.
+    dtype = x.dtype if splits == 1 else accumulation_dtype(x.dtype)
+    partial = () if splits == 1 else (splits,)
+    outputs = (OutputLayout((*partial, out_channels, in_channels), (), dtype, x.device),
+               OutputLayout((*partial, out_channels), (), dtype, x.device))
     merged = spatially_mergeable(grad, x)
-    _conv1x1_weight_grad_kernel[(tiles, splits)](
-        grad, x, dw, db, rows, out_channels, in_channels, height * width, width, rows_per_split,
-        *strides_bchw(grad, merged), *strides_bchw(x, merged),
-        out_channels * in_channels, dw.stride(-2), dw.stride(-1), out_channels,
-        HAS_BIAS=bias_grad, MERGED_HW=merged, BLOCK_N=_WGRAD_TILE, BLOCK_K=_WGRAD_TILE, **_precision(x.dtype))
-    if splits > 1:
+    # dW partials are contiguous (splits, N, K): split stride N·K, row stride K, column stride 1.
+    args = (rows, out_channels, in_channels, height * width, width, rows_per_split, *strides_bchw(grad, merged),
+            *strides_bchw(x, merged), out_channels * in_channels, in_channels, 1, out_channels)
+    options = {"HAS_BIAS": bias_grad, "MERGED_HW": merged, "BLOCK_N": _WGRAD_TILE, "BLOCK_K": _WGRAD_TILE}
+    return _GemmPlan(args, options, outputs, TunedLaunch(lambda config: (tiles, splits)), splits)
+
+
+_WEIGHT_GRAD_PLANS = SignatureCache(_weight_grad_plan)
+
+
+def _launch_weight_grad(grad, x, bias_grad):
+    plan = _WEIGHT_GRAD_PLANS(grad, x, bias_grad)
+    dw_layout, db_layout = plan.outputs
+    dw = new_output(dw_layout.shape, like=x, dtype=dw_layout.dtype)
+    db = new_output(db_layout.shape, like=x, dtype=db_layout.dtype) if bias_grad else dw
+    plan.launch(_conv1x1_weight_grad_kernel, grad, x, dw, db, *plan.args, **plan.options, **_precision(x.dtype))
+    if plan.splits > 1:
         dw = dw.sum(dim=0).to(x.dtype)
         db = db.sum(dim=0).to(x.dtype) if bias_grad else db
-    return dw.view(out_channels, in_channels, 1, 1), db if bias_grad else x.new_empty(0)
+    return dw.view(grad.shape[1], x.shape[1], 1, 1), db if bias_grad else x.new_empty(0)
 
 
-# ---- operators (torch.library: eager, opcheck, torch.compile) -------------------------------------------------
+# ---- autograd, shared by the traced op and the eager Function: ``forward`` and ``weight_grad`` are ops or
+# launchers ------------------------------------------------------------------------------------------------------
+def _conv1x1_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
+
+
+def _input_grads(forward, weight_grad, ctx, grad):
+    x, weight = ctx.saved_tensors
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = forward(grad, weight.transpose(0, 1), None)
+    if ctx.needs_input_grad[1] or ctx.bias_grad:
+        dw, db = weight_grad(grad, x, ctx.bias_grad)
+    return dx, dw if ctx.needs_input_grad[1] else None, db if ctx.bias_grad else None
+
+
+# ---- operators (torch.library: torch.compile and opcheck) -----------------------------------------------------
 @torch.library.custom_op("diffkd::conv1x1", mutates_args=())
 def _conv1x1_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _launch_forward(x, weight, bias)
@@ -245,23 +308,12 @@ def _(grad, x, bias_grad):
     return dw, x.new_empty(grad.shape[1]) if bias_grad else x.new_empty(0)
 
 
-def _conv1x1_setup(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
+_conv1x1_op.register_autograd(functools.partial(_input_grads, _conv1x1_op, _conv1x1_weight_grad_op),
+                              setup_context=_conv1x1_setup)
 
-
-def _conv1x1_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.diffkd.conv1x1(grad, weight.transpose(0, 1), None)
-    if ctx.needs_input_grad[1] or ctx.bias_grad:
-        dw, db = torch.ops.diffkd.conv1x1_weight_grad(grad, x, ctx.bias_grad)
-    return dx, dw if ctx.needs_input_grad[1] else None, db if ctx.bias_grad else None
-
-
-_conv1x1_op.register_autograd(_conv1x1_backward, setup_context=_conv1x1_setup)
+# ---- eager autograd (no dispatcher) -----------------------------------------------------------------------------
+_EagerConv1x1 = eager_autograd("Conv1x1", _launch_forward, _conv1x1_setup,
+                               functools.partial(_input_grads, _launch_forward, _launch_weight_grad))
 
 
 # ---- public API -------------------------------------------------------------------------------------------------
@@ -274,7 +326,7 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     tensors = {"x": x, "weight": weight, **({"bias": bias} if bias is not None else {})}
     check_same_device_and_dtype("conv1x1", **tensors)
     if x.dim() != 4:
@@ -286,14 +338,10 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          f"(x {tuple(x.shape)}, weight {tuple(weight.shape)})")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"conv1x1: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return backend_traits(x, weight, bias, int32_indexed=False)  # the GEMM indexes with 64-bit offsets
 
 
-def _choose_backend(backend: str | None, *tensors: torch.Tensor) -> str:
-    """resolve_backend's answer, except that "auto" keeps cuDNN for this op (see the module docstring)."""
-    resolved = resolve_backend(backend, *tensors)
-    if resolved == "triton" and validate_backend_name(backend) == "auto":
-        return "torch"
-    return resolved
+_CALLS = checked_calls(_check_inputs)
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -302,15 +350,17 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
     x is (B, C_in, H, W) in any memory format (or unbatched (C_in, H, W)); the output keeps x's memory format.
     fp32, fp16 and bf16; fp32 follows ``torch.backends.cuda.matmul.allow_tf32`` on a GPU.  Gradients to x,
-    weight and bias by GEMMs.  backend "auto" runs cuDNN for this op (module docstring).
+    weight and bias by GEMMs.  Backend "auto" (module docstring) runs cuDNN outside CUDA graphs.
     """
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
     x, weight, bias = _autocast(x, weight, bias)
-    _check_inputs(x, weight, bias)
-    if _choose_backend(backend, x, weight, *([bias] if bias is not None else [])) == "torch":
+    call = _CALLS(x, weight, bias)
+    if choose_backend(backend, "conv1x1", call.traits) == "torch":
         out = reference.conv1x1(x, weight, bias)
-    else:
+    elif torch.compiler.is_compiling():
         out = _conv1x1_op(x, weight, bias)
+    else:
+        out = _EagerConv1x1.apply(x, weight, bias, call.forward_plan(_forward_plan, x, weight, bias))
     return out.squeeze(0) if unbatched else out

@@ -7,21 +7,22 @@ tile into a partial buffer (one row per program) that a deterministic column sum
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
 
 from kernels import reference
-from kernels._common import check_same_device_and_dtype, resolve_backend
-from kernels._layout import (accumulation_dtype, as_bchw, check_index_range, compute_dtype, matrix_sizes,
-                             new_output, new_output_like, optional_strides, plan_tiles, spatially_mergeable,
-                             strides_bchw, tile_coordinates, tile_offsets)
+from kernels._common import (BackendTraits, SignatureCache, backend_traits, check_same_device_and_dtype,
+                             checked_calls, choose_backend, eager_autograd)
+from kernels._layout import (accumulation_dtype, allocate, as_bchw, new_output, new_output_like, output_layout,
+                             plan_elementwise, tile_coordinates, tile_offsets)
 from kernels._triton import tl, triton
 
 
 @triton.jit
-def _ddim_step_kernel(x_ptr, eps_ptr, emb_ptr, out_ptr, next_input_ptr, a, b, C, R, S, W,
-                      x_sb, x_sc, x_sh, x_sw, e_sb, e_sc, e_sh, e_sw, emb_stride,
+def _ddim_step_kernel(x_ptr, eps_ptr, emb_ptr, out_ptr, next_input_ptr, a, b, emb_stride, C, R, S, W,
+                      x_sb, x_sc, x_sh, x_sw, e_sb, e_sc, e_sh, e_sw,
                       o_sb, o_sc, o_sh, o_sw, n_sb, n_sc, n_sh, n_sw,
                       WITH_EMBEDDING: tl.constexpr, MERGED_HW: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -62,46 +63,83 @@ def _ddim_step_backward_kernel(grad_prev_ptr, grad_next_ptr, dx_ptr, deps_ptr, d
     tl.store(deps_ptr + deps_offsets, (b * grad).to(deps_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_forward(x, eps, a, b, emb):
-    out = new_output_like(x)
-    next_input = new_output_like(x) if emb is not None else out
-    merged = spatially_mergeable(x, eps, out, next_input)
-    plan = plan_tiles(out)
-    _ddim_step_kernel[plan.grid](
-        x, eps, emb if emb is not None else out, out, next_input, a, b, *matrix_sizes(x),
-        *strides_bchw(x, merged), *strides_bchw(eps, merged), emb.stride(0) if emb is not None else 0,
-        *strides_bchw(out, merged), *strides_bchw(next_input, merged),
-        WITH_EMBEDDING=emb is not None, MERGED_HW=merged, COMPUTE_DTYPE=compute_dtype(x.dtype),
-        BLOCK_C=plan.block_c, BLOCK_R=plan.block_r, num_warps=plan.num_warps)
+# ---- launchers --------------------------------------------------------------------------------------------------
+def _forward_plan(x, eps, emb):
+    out = output_layout(x)
+    return plan_elementwise([x, eps, out, out], tiles_over=out, outputs=(out,), dtype=x.dtype,
+                            extras=(emb.stride(0) if emb is not None else 0,),
+                            constexprs={"WITH_EMBEDDING": emb is not None})
+
+
+_FORWARD_PLANS = SignatureCache(_forward_plan)
+
+
+def _launch_forward(x, eps, a, b, emb, plan=None):
+    """(x_prev, next_input) for 4-D x and ε̂; without emb, next_input is x_prev itself.
+
+    ``plan``: the caller's, else looked up for these tensors.
+    """
+    if plan is None:
+        plan = _FORWARD_PLANS(x, eps, emb)
+    out = allocate(plan.outputs[0])
+    next_input = allocate(plan.outputs[0]) if emb is not None else out
+    _ddim_step_kernel[plan.grid](x, eps, emb if emb is not None else out, out, next_input, a, b, *plan.args,
+                                 **plan.options)
     return out, next_input
+
+
+def _launch_step(x, eps, a, b, plan=None):
+    return _launch_forward(x, eps, a, b, None, plan)[0]
+
+
+def _backward_plan(grad_prev, grad_next):
+    like = grad_prev if grad_prev is not None else grad_next
+    grads = output_layout(like)
+    return plan_elementwise([grad_prev, grad_next, grads, grads], tiles_over=grads, outputs=(grads,),
+                            dtype=like.dtype,
+                            constexprs={"HAS_GRAD_PREV": grad_prev is not None, "HAS_GRAD_NEXT": grad_next is not None})
+
+
+_BACKWARD_PLANS = SignatureCache(_backward_plan)
 
 
 def _launch_backward(grad_prev, grad_next, a, b):
     """dx, dε̂ and (when grad_next is given) d emb; at least one gradient must be given."""
+    plan = _BACKWARD_PLANS(grad_prev, grad_next)
     like = grad_prev if grad_prev is not None else grad_next
-    dx, deps = new_output_like(like), new_output_like(like)
-    merged = spatially_mergeable(dx, deps, *[g for g in (grad_prev, grad_next) if g is not None])
-    plan = plan_tiles(dx)
-    channels = like.shape[1]
-    demb_partials = new_output((plan.grid[0], channels), like=like, dtype=accumulation_dtype(like.dtype)) \
+    dx, deps = allocate(plan.outputs[0]), allocate(plan.outputs[0])
+    demb_partials = new_output((plan.grid[0], like.shape[1]), like=like, dtype=accumulation_dtype(like.dtype)) \
         if grad_next is not None else dx
     _ddim_step_backward_kernel[plan.grid](
         grad_prev if grad_prev is not None else like, grad_next if grad_next is not None else like,
-        dx, deps, demb_partials, a, b, *matrix_sizes(like),
-        *optional_strides(grad_prev, merged), *optional_strides(grad_next, merged),
-        *strides_bchw(dx, merged), *strides_bchw(deps, merged),
-        HAS_GRAD_PREV=grad_prev is not None, HAS_GRAD_NEXT=grad_next is not None, MERGED_HW=merged,
-        COMPUTE_DTYPE=compute_dtype(like.dtype), BLOCK_C=plan.block_c, BLOCK_R=plan.block_r,
-        num_warps=plan.num_warps)
+        dx, deps, demb_partials, a, b, *plan.args, **plan.options)
     if grad_next is None:
         return dx, deps, None
     return dx, deps, demb_partials.sum(dim=0).to(grad_next.dtype)
 
 
-# ---- operators (torch.library: eager, opcheck, torch.compile) -------------------------------------------------
+# ---- autograd, shared by the traced op and the eager Function: ``backward`` is the op or the launcher -----------
+def _save_coefficients(ctx, inputs, output):
+    ctx.a, ctx.b = inputs[2], inputs[3]
+
+
+def _step_input_grads(backward, ctx, grad):
+    dx, deps, _ = backward(grad, None, ctx.a, ctx.b)
+    return dx, deps, None, None
+
+
+def _step_embed_input_grads(backward, ctx, grad_prev, grad_next):
+    """Either gradient may be None (the eager Function does not materialise an unused output's gradient)."""
+    dx, deps, demb = backward(grad_prev, grad_next, ctx.a, ctx.b)
+    if demb is None and ctx.needs_input_grad[4]:  # next_input unused: emb still gets its (zero) gradient
+        demb = grad_prev.new_zeros(grad_prev.shape[1])
+    return dx, deps, None, None, demb
+
+
+# ---- operators (torch.library: torch.compile and opcheck) -----------------------------------------------------
 @torch.library.custom_op("diffkd::ddim_step", mutates_args=())
 def _ddim_step_op(x: torch.Tensor, eps: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    return _launch_forward(x, eps, a, b, None)[0]
+    return _launch_step(x, eps, a, b)
 
 
 @_ddim_step_op.register_fake
@@ -143,32 +181,30 @@ def _(grad_prev, grad_next, a, b):
     return new_output_like(like), new_output_like(like), grad_next.new_empty(grad_next.shape[1])
 
 
-def _save_coefficients(ctx, inputs, output):
-    ctx.a, ctx.b = inputs[2], inputs[3]
-
-
-def _ddim_step_backward(ctx, grad):
-    dx, deps = torch.ops.diffkd.ddim_step_backward(grad, ctx.a, ctx.b)
-    return dx, deps, None, None
-
-
-def _ddim_step_embed_backward(ctx, grad_prev, grad_next):
+def _traced_backward(grad_prev, grad_next, a, b):
     if grad_next is None:
-        if grad_prev is None:
-            return None, None, None, None, None
-        dx, deps = torch.ops.diffkd.ddim_step_backward(grad_prev, ctx.a, ctx.b)
-        return dx, deps, None, None, None
-    dx, deps, demb = torch.ops.diffkd.ddim_step_embed_backward(grad_prev, grad_next, ctx.a, ctx.b)
-    return dx, deps, None, None, demb
+        dx, deps = torch.ops.diffkd.ddim_step_backward(grad_prev, a, b)
+        return dx, deps, None
+    return torch.ops.diffkd.ddim_step_embed_backward(grad_prev, grad_next, a, b)
 
 
-_ddim_step_op.register_autograd(_ddim_step_backward, setup_context=_save_coefficients)
-_ddim_step_embed_op.register_autograd(_ddim_step_embed_backward, setup_context=_save_coefficients)
+_ddim_step_op.register_autograd(functools.partial(_step_input_grads, _traced_backward),
+                                setup_context=_save_coefficients)
+_ddim_step_embed_op.register_autograd(functools.partial(_step_embed_input_grads, _traced_backward),
+                                      setup_context=_save_coefficients)
+
+# ---- eager autograd (no dispatcher) -----------------------------------------------------------------------------
+_EagerStep = eager_autograd("DDIMStep", _launch_step, _save_coefficients,
+                            functools.partial(_step_input_grads, _launch_backward))
+_EagerStepEmbed = eager_autograd("DDIMStepEmbed", _launch_forward, _save_coefficients,
+                                 functools.partial(_step_embed_input_grads, _launch_backward))
 
 
 # ---- public API -------------------------------------------------------------------------------------------------
 def _host_float(name: str, value) -> float:
     """A step coefficient as a Python float; a CUDA tensor would force a device sync (and break graph capture)."""
+    if type(value) is float:
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_cuda:
             raise ValueError(f"ddim_step: {name} must be a Python float (or a one-element CPU tensor), got a tensor "
@@ -180,11 +216,20 @@ def _host_float(name: str, value) -> float:
     return float(value)
 
 
-def _check_step_inputs(x: torch.Tensor, eps: torch.Tensor) -> None:
+def _check_step_inputs(x: torch.Tensor, eps: torch.Tensor, emb: torch.Tensor | None = None) -> BackendTraits:
     check_same_device_and_dtype("ddim_step", x=x, eps=eps)
     if x.shape != eps.shape:
         raise ValueError(f"ddim_step: x and eps must have one shape, got {tuple(x.shape)} and {tuple(eps.shape)}")
     as_bchw(x, "x", "ddim_step")
+    if emb is not None:
+        check_same_device_and_dtype("ddim_step_embed", x=x, emb=emb)
+        if emb.shape != (x.shape[1],):
+            raise ValueError(f"ddim_step_embed: emb must be one value per channel, shape ({x.shape[1]},), "
+                             f"got {tuple(emb.shape)}")
+    return backend_traits(x, eps, emb)
+
+
+_STEP_CALLS = checked_calls(_check_step_inputs)
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, *, backend: str | None = None) -> torch.Tensor:
@@ -194,11 +239,15 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, *, backend
     Gradients: dx = a·g, dε̂ = b·g.
     """
     a, b = _host_float("a", a), _host_float("b", b)
-    _check_step_inputs(x, eps)
-    if resolve_backend(backend, x, eps) == "torch":
+    call = _STEP_CALLS(x, eps)
+    if choose_backend(backend, "ddim_step", call.traits) == "torch":
         return reference.ddim_step(x, eps, a, b)
-    check_index_range("ddim_step", x)
-    return _ddim_step_op(as_bchw(x, "x", "ddim_step"), as_bchw(eps, "eps", "ddim_step"), a, b).reshape(x.shape)
+    x4, eps4 = as_bchw(x, "x", "ddim_step"), as_bchw(eps, "eps", "ddim_step")
+    if torch.compiler.is_compiling():
+        x_prev = _ddim_step_op(x4, eps4, a, b)
+    else:
+        x_prev = _EagerStep.apply(x4, eps4, a, b, call.forward_plan(_forward_plan, x4, eps4, None))
+    return x_prev if x.dim() == 4 else x_prev.reshape(x.shape)
 
 
 def ddim_step_embed(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, emb: torch.Tensor, *,
@@ -209,14 +258,15 @@ def ddim_step_embed(x: torch.Tensor, eps: torch.Tensor, a: float, b: float, emb:
     g_next_input (a deterministic two-stage reduction).
     """
     a, b = _host_float("a", a), _host_float("b", b)
-    _check_step_inputs(x, eps)
-    check_same_device_and_dtype("ddim_step_embed", x=x, emb=emb)
-    if emb.shape != (x.shape[1],):
-        raise ValueError(f"ddim_step_embed: emb must be one value per channel, shape ({x.shape[1]},), "
-                         f"got {tuple(emb.shape)}")
-    if resolve_backend(backend, x, eps, emb) == "torch":
+    call = _STEP_CALLS(x, eps, emb)
+    if choose_backend(backend, "ddim_step_embed", call.traits) == "torch":
         return reference.ddim_step_embed(x, eps, a, b, emb)
-    check_index_range("ddim_step_embed", x)
-    x_prev, next_input = _ddim_step_embed_op(as_bchw(x, "x", "ddim_step"), as_bchw(eps, "eps", "ddim_step"), a, b,
-                                             emb)
+    x4, eps4 = as_bchw(x, "x", "ddim_step"), as_bchw(eps, "eps", "ddim_step")
+    if torch.compiler.is_compiling():
+        x_prev, next_input = _ddim_step_embed_op(x4, eps4, a, b, emb)
+    else:
+        x_prev, next_input = _EagerStepEmbed.apply(x4, eps4, a, b, emb,
+                                                   call.forward_plan(_forward_plan, x4, eps4, emb))
+    if x.dim() == 4:
+        return x_prev, next_input
     return x_prev.reshape(x.shape), next_input.reshape(x.shape)

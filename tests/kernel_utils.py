@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels._common
 import kernels._layout
 from kernels.testing import LOW_PRECISION, compare_with_fp64, philox_normal  # noqa: F401 - re-exported
 
@@ -42,13 +43,20 @@ def make(shape, layout: str = "contiguous", dtype: torch.dtype = torch.float32, 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every kernel output starts NaN-filled, so elements a kernel fails to write show up as NaN."""
-    monkeypatch.setenv("DIFFKD_POISON_OUTPUTS", "1")
+    monkeypatch.setattr(kernels._common, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiny interpreter tiles, so small test tensors span many programs and the partial reductions run."""
+    """Tiny interpreter tiles, so small test tensors span many programs and the partial reductions run.
+
+    Launch plans are cached per signature: they are dropped before the test and after it, so that no plan made
+    with tiny tiles outlives it (and none made before it hides them).
+    """
+    kernels._common.clear_signature_caches()
     monkeypatch.setattr(kernels._layout, "INTERPRETER_TILE_ELEMENTS", 64)
+    yield
+    kernels._common.clear_signature_caches()
 
 
 def check_against_fp64(kernel_fn, reference_fn, inputs, **bounds) -> None:

@@ -1,10 +1,14 @@
 """Noise-blend kernels (kernels/blend.py) in Triton's interpreter against the float64 reference."""
+import importlib
+
 import pytest
 import torch
 
 from kernel_utils import (LAYOUTS, LOW_PRECISION, check_against_fp64, make, philox_normal,  # noqa: F401
                           poisoned_outputs, small_tiles)
 from kernels import noise_blend, reference
+
+blend_module = importlib.import_module("kernels.blend")
 
 SEED = 2 ** 40 + 12345  # above 2**32, so both halves of Philox's key matter
 
@@ -118,15 +122,18 @@ def test_gamma_gradient_is_deterministic(small_tiles):
 
 
 def test_fp64_gradcheck():
-    """The custom op computes in fp64 for fp64 inputs (the public API offers fp32/fp16/bf16 to Triton)."""
+    """The eager Function and the registered op compute in fp64 for fp64 inputs (the public API offers
+    fp32/fp16/bf16 to Triton)."""
     z = make((2, 3, 2, 3), "channels_last", torch.float64, requires_grad=True)
     gamma = torch.rand(2, dtype=torch.float64, requires_grad=True)
     noise = make((2, 3, 2, 3), dtype=torch.float64, requires_grad=True)
     seed = torch.tensor([9])
-    assert torch.autograd.gradcheck(lambda z, g: torch.ops.diffkd.noise_blend(z, g, None, seed), (z, gamma),
-                                    fast_mode=True)
-    assert torch.autograd.gradcheck(lambda z, g, n: torch.ops.diffkd.noise_blend(z, g, n, None), (z, gamma, noise),
-                                    fast_mode=True)
+
+    def eager(z, gamma, noise, seed):
+        return blend_module._EagerBlend.apply(z, gamma, noise, seed, blend_module._FORWARD_PLANS(z, gamma, noise))
+    for blend in (eager, torch.ops.diffkd.noise_blend):
+        assert torch.autograd.gradcheck(lambda z, g: blend(z, g, None, seed), (z, gamma), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda z, g, n: blend(z, g, n, None), (z, gamma, noise), fast_mode=True)
 
 
 def test_opcheck():

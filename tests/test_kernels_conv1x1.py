@@ -85,21 +85,33 @@ def test_autocast_casts_like_conv2d():
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
 
 
-def test_auto_keeps_pytorch_for_this_op(monkeypatch):
-    """"auto" resolves to Triton for CUDA tensors; conv1x1 still runs cuDNN then (module docstring)."""
-    monkeypatch.setattr(conv1x1_module, "resolve_backend", lambda backend, *tensors: "triton")
-    assert conv1x1_module._choose_backend(None, make((1, 2, 1, 1))) == "torch"
-    assert conv1x1_module._choose_backend("auto", make((1, 2, 1, 1))) == "torch"
-    assert conv1x1_module._choose_backend("triton", make((1, 2, 1, 1))) == "triton"
-    monkeypatch.setenv("DIFFKD_BACKEND", "triton")
-    assert conv1x1_module._choose_backend(None, make((1, 2, 1, 1))) == "triton"
+def test_later_calls_launch_the_chosen_config_without_the_autotuner(monkeypatch):
+    x, weight, bias = make((2, 6, 3, 4), "channels_last", requires_grad=True), _weight(8, 6), _bias(8)
+    first = conv1x1(x, weight, bias, backend="triton")
+    first_grads = torch.autograd.grad(first.sum(), [x, weight, bias])
+
+    def autotuner_again(*args, **kwargs):
+        raise AssertionError("the autotuner ran for a signature it has already served")
+    for kernel in (conv1x1_module._conv1x1_kernel, conv1x1_module._conv1x1_weight_grad_kernel):
+        monkeypatch.setattr(kernel, "run", autotuner_again)
+    again = conv1x1(x, weight, bias, backend="triton")
+    assert torch.equal(again, first)
+    for got, expected in zip(torch.autograd.grad(again.sum(), [x, weight, bias]), first_grads):
+        assert torch.equal(got, expected)
+
+
+def _eager_conv(x, weight, bias):
+    """The eager autograd Function itself, which (unlike the public API) accepts fp64."""
+    return conv1x1_module._EagerConv1x1.apply(x, weight, bias, conv1x1_module._FORWARD_PLANS(x, weight, bias))
 
 
 def test_fp64_gradcheck():
-    """The custom op computes in fp64 for fp64 inputs (the public API offers fp32/fp16/bf16 to Triton)."""
+    """The eager Function and the registered op compute in fp64 for fp64 inputs (the public API offers
+    fp32/fp16/bf16 to Triton)."""
     x = make((2, 3, 2, 3), "channels_last", torch.float64, requires_grad=True)
     weight = _weight(4, 3, torch.float64)
     bias = _bias(4, torch.float64)
+    assert torch.autograd.gradcheck(_eager_conv, (x, weight, bias), fast_mode=True)
     assert torch.autograd.gradcheck(torch.ops.diffkd.conv1x1, (x, weight, bias), fast_mode=True)
 
 

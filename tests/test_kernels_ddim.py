@@ -1,9 +1,13 @@
 """Fused DDIM step kernels (kernels/ddim.py) in Triton's interpreter against the float64 reference."""
+import importlib
+
 import pytest
 import torch
 
 from kernel_utils import LAYOUTS, LOW_PRECISION, check_against_fp64, make, poisoned_outputs, small_tiles  # noqa: F401
 from kernels import ddim_step, ddim_step_embed, reference
+
+ddim_module = importlib.import_module("kernels.ddim")  # the package's attribute ddim_step is the function
 
 A, B = 1.4267, -0.50274  # the first NFE-5 step (SPEC §2)
 
@@ -89,14 +93,32 @@ def test_embedding_gradient_is_deterministic(small_tiles):
     assert torch.equal(grads[0], grads[1])
 
 
-def test_fp64_gradcheck():
-    """The custom ops compute in fp64 for fp64 inputs (the public API offers fp32/fp16/bf16 to Triton)."""
+def _eager_step(x, eps):
+    return ddim_module._EagerStep.apply(x, eps, A, B, ddim_module._FORWARD_PLANS(x, eps, None))
+
+
+def _eager_step_embed(x, eps, emb):
+    return ddim_module._EagerStepEmbed.apply(x, eps, A, B, emb, ddim_module._FORWARD_PLANS(x, eps, emb))
+
+
+def _registered_step(x, eps):
+    return torch.ops.diffkd.ddim_step(x, eps, A, B)
+
+
+def _registered_step_embed(x, eps, emb):
+    return torch.ops.diffkd.ddim_step_embed(x, eps, A, B, emb)
+
+
+@pytest.mark.parametrize("step, step_embed", [(_eager_step, _eager_step_embed),
+                                              (_registered_step, _registered_step_embed)], ids=["eager", "registered"])
+def test_fp64_gradcheck(step, step_embed):
+    """The eager Functions and the registered ops compute in fp64 for fp64 inputs (the public API offers
+    fp32/fp16/bf16 to Triton)."""
     x = make((2, 3, 2, 3), dtype=torch.float64, requires_grad=True)
     eps = make((2, 3, 2, 3), "channels_last", torch.float64, requires_grad=True)
     emb = make((3,), dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, e: torch.ops.diffkd.ddim_step(x, e, A, B), (x, eps), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda x, e, m: torch.ops.diffkd.ddim_step_embed(x, e, A, B, m), (x, eps, emb),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(step, (x, eps), fast_mode=True)
+    assert torch.autograd.gradcheck(step_embed, (x, eps, emb), fast_mode=True)
 
 
 def test_opcheck():

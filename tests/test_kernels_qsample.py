@@ -1,10 +1,14 @@
 """q-sampling and squared-error kernels (kernels/qsample.py) in Triton's interpreter against the float64 reference."""
+import importlib
+
 import pytest
 import torch
 
 from kernel_utils import (LAYOUTS, LOW_PRECISION, check_against_fp64, make, philox_normal,  # noqa: F401
                           poisoned_outputs, small_tiles)
 from kernels import noise_blend, q_sample, reference, squared_error_mean
+
+qsample_module = importlib.import_module("kernels.qsample")
 
 SEED = 2 ** 33 + 7
 ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), 0)
@@ -103,19 +107,29 @@ def test_timestep_outside_the_table_gives_nan_for_its_sample_only():
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
 
 
-def test_fp64_gradcheck():
-    """The custom ops compute in fp64 for fp64 inputs (the public API offers fp32/fp16/bf16 to Triton)."""
+def _eager_q_sample(z0, t, table, noise, seed):
+    return qsample_module._EagerQSample.apply(z0, t, table, noise, seed,
+                                              qsample_module._Q_SAMPLE_PLANS(z0, t, table, noise))
+
+
+def _eager_squared_error(pred, target, seed):
+    return qsample_module._EagerSquaredError.apply(pred, target, seed,
+                                                   qsample_module._SQUARED_ERROR_PLANS(pred, target))
+
+
+@pytest.mark.parametrize("path", ["eager", "registered"])
+def test_fp64_gradcheck(path):
+    """The eager Functions and the registered ops compute in fp64 for fp64 inputs (the public API offers
+    fp32/fp16/bf16 to Triton)."""
+    q, se = (_eager_q_sample, _eager_squared_error) if path == "eager" else \
+        (torch.ops.diffkd.q_sample, torch.ops.diffkd.squared_error_mean)
     z0 = make((2, 3, 2, 3), "channels_last", torch.float64, requires_grad=True)
     noise = make((2, 3, 2, 3), dtype=torch.float64, requires_grad=True)
     t, seed = torch.tensor([10, 900]), torch.tensor([3])
-    assert torch.autograd.gradcheck(lambda z, n: torch.ops.diffkd.q_sample(z, t, ALPHAS_CUMPROD, n, None),
-                                    (z0, noise), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda z: torch.ops.diffkd.q_sample(z, t, ALPHAS_CUMPROD, None, seed),
-                                    (z0,), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda p, q: torch.ops.diffkd.squared_error_mean(p, q, None), (z0, noise),
-                                    fast_mode=True)
-    assert torch.autograd.gradcheck(lambda p: torch.ops.diffkd.squared_error_mean(p, None, seed), (z0,),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(lambda z, n: q(z, t, ALPHAS_CUMPROD, n, None), (z0, noise), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda z: q(z, t, ALPHAS_CUMPROD, None, seed), (z0,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda p, q: se(p, q, None), (z0, noise), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda p: se(p, None, seed), (z0,), fast_mode=True)
 
 
 def test_opcheck():
