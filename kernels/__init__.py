@@ -9,5 +9,9 @@ from kernels.conv1x1 import conv1x1
 from kernels.ddim import ddim_step, ddim_step_embed
 from kernels.qsample import q_sample, squared_error_mean
 
+# Marks this package as diffkd's: Hugging Face's unrelated ``kernels`` package has the same top-level name, and
+# ``import diffkd`` checks for this marker (diffkd/_kernels_check.py).
+__diffkd_kernels__ = True
+
 __all__ = ["BACKENDS", "resolve_backend", "auto_uses_triton", "ddim_step", "ddim_step_embed", "noise_blend",
            "conv1x1", "q_sample", "squared_error_mean"]
