@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=["diffkd", "diffkd.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     # triton comes with PyTorch's Linux builds and is imported lazily, only for the Triton backend.
-    install_requires=["torch>=2.4", "torchvision", "numpy", "timm", "pyyaml", "matplotlib"],
+    install_requires=["torch>=2.4", "torchvision", "numpy", "timm", "pyyaml", "matplotlib", "faster-coco-eval",
+                      "pycocotools"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "diffusers"],  # diffusers: the golden baseline some tests compare with
         "bench": ["diffusers"],
