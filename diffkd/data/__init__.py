@@ -1,4 +1,6 @@
-"""Datasets and loaders: Fashion-MNIST (IDX files), CIFAR-100 (python format, read safely), ImageFolder trees.
+"""Datasets and loaders: Fashion-MNIST (IDX files), CIFAR-100 (python format, read safely), ImageFolder trees;
+for detection and segmentation, `fashion-scenes` (Fashion-MNIST items composed into scenes), COCO-format
+folders and images/masks folder pairs.
 
 Typical use::
 
@@ -7,15 +9,24 @@ Typical use::
     for epoch in range(start_epoch, epochs):
         train_loader.sampler.set_epoch(epoch)   # order and augmentation of this epoch, also without DDP
         ...
+
+    train_ds, val_ds, info = build_dense_datasets("detection", "fashion-scenes", augment_seed=seed)
+    train_loader = build_loader(train_ds, 8, train=True, seed=seed, collate_fn=detection_collate)
 """
 from diffkd.data.cifar import CIFAR100, load_restricted_pickle
+from diffkd.data.coco import CocoDetection, build_coco_datasets, load_coco_instances
+from diffkd.data.dense import IGNORE_INDEX, detection_collate, segmentation_collate
 from diffkd.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, FashionMNIST
 from diffkd.data.idx import read_idx
 from diffkd.data.imagefolder import ImageFolder
 from diffkd.data.in_memory import InMemoryImageDataset, TensorImageTransform, sample_keys
 from diffkd.data.loaders import EpochShuffleSampler, ShardSampler, build_loader, subset
-from diffkd.data.recipes import (CIFAR100_MEAN, CIFAR100_STD, DATASET_NAMES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
-                                 IMAGENET_MEAN, IMAGENET_STD, build_datasets)
+from diffkd.data.recipes import (CIFAR100_MEAN, CIFAR100_STD, DATASET_NAMES, DETECTION_DATASET_NAMES,
+                                 FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD,
+                                 SEGMENTATION_DATASET_NAMES, build_datasets, build_dense_datasets)
+from diffkd.data.scenes import (SCENE_CLASSES, SCENES_MEAN, SCENES_STD, FashionScenes, SceneConfig, Scenes,
+                                build_scene_datasets, generate_scenes)
+from diffkd.data.segfolder import SegmentationFolder, build_segfolder_datasets
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "DATASET_NAMES",
@@ -23,4 +34,8 @@ __all__ = [
     "read_idx", "load_restricted_pickle", "FashionMNIST", "CIFAR100", "ImageFolder",
     "InMemoryImageDataset", "TensorImageTransform", "sample_keys",
     "EpochShuffleSampler", "ShardSampler", "build_loader", "subset", "build_datasets",
+    "DETECTION_DATASET_NAMES", "SEGMENTATION_DATASET_NAMES", "build_dense_datasets", "IGNORE_INDEX",
+    "detection_collate", "segmentation_collate", "SCENE_CLASSES", "SCENES_MEAN", "SCENES_STD", "SceneConfig",
+    "Scenes", "FashionScenes", "generate_scenes", "build_scene_datasets", "CocoDetection", "load_coco_instances",
+    "build_coco_datasets", "SegmentationFolder", "build_segfolder_datasets",
 ]

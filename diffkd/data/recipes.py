@@ -75,3 +75,37 @@ def build_datasets(name: str, data_dir: str | Path | None = None, *, train_trans
         info = dict(num_classes=len(train_ds.classes), in_chans=3, image_size=224, mean=IMAGENET_MEAN,
                     std=IMAGENET_STD)
     return train_ds, val_ds, info
+
+
+# Dense prediction: names for `--task detection` and `--task segmentation`, kept apart from DATASET_NAMES (the
+# classification datasets).
+DETECTION_DATASET_NAMES = ("fashion-scenes", "coco")
+SEGMENTATION_DATASET_NAMES = ("fashion-scenes", "segfolder")
+
+
+def build_dense_datasets(task: str, name: str, data_dir: str | Path | None = None, *, train_transform: bool = True,
+                         augment_seed: int = 0, **options: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """The training and validation datasets of a detection or segmentation `task` and a dict of facts about them
+    (num_classes with the background, classes, in_chans, ...; see each builder). `options` go to the builder:
+    diffkd.data.scenes.build_scene_datasets (train_scenes, test_scenes, seed, config),
+    diffkd.data.coco.build_coco_datasets, or diffkd.data.segfolder.build_segfolder_datasets (num_classes,
+    crop_size, scan_masks). Collate batches with diffkd.data.dense's detection_collate or segmentation_collate.
+    """
+    # Imported here: segfolder takes its default statistics from this module.
+    from diffkd.data.coco import build_coco_datasets
+    from diffkd.data.scenes import build_scene_datasets
+    from diffkd.data.segfolder import build_segfolder_datasets
+
+    names = {"detection": DETECTION_DATASET_NAMES, "segmentation": SEGMENTATION_DATASET_NAMES}
+    if task not in names:
+        raise ValueError(f"unknown task {task!r}; choose detection or segmentation")
+    if name not in names[task]:
+        raise ValueError(f"unknown {task} dataset {name!r}; choose one of {', '.join(names[task])}")
+    if data_dir is None and name != "fashion-scenes":
+        raise ValueError(f"{name} has no default location: pass --data-dir (data_dir=...) with the folder holding it")
+    common = dict(train_transform=train_transform, augment_seed=augment_seed, **options)
+    if name == "fashion-scenes":
+        return build_scene_datasets(data_dir, task=task, **common)
+    if name == "coco":
+        return build_coco_datasets(data_dir, **common)
+    return build_segfolder_datasets(data_dir, **common)
