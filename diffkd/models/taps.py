@@ -1,7 +1,10 @@
 """Feature taps: tensors captured by module name with forward hooks, without changing the model.
 
 A *tap* is a string: ``"layer4"`` captures the output of the module ``layer4``; ``"pool4:input"`` captures the
-first input of ``pool4`` (for a map that no module outputs, e.g. one a functional ReLU produced).  Channels
+first input of ``pool4`` (for a map that no module outputs, e.g. one a functional ReLU produced).  A module that
+returns a dict, tuple or list is tapped at one entry with a trailing ``[key]``: ``"backbone[0]"`` is entry ``"0"``
+of a torchvision detector's FPN (an OrderedDict of levels), ``"encoder[2]"`` the third element of a tuple, and
+``"fpn:input[0]"`` an entry of a module's first input (:func:`entry_tap` writes these names).  Channels
 and sizes come from one dry forward pass (:func:`probe_taps`), never from a hand-kept table, and
 :func:`default_taps` finds the last feature map before pooling and the logits by tracing one forward of any
 model that splits its forward like timm's (``forward_head(forward_features(x))``) — timm's models and the
@@ -15,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import torch
@@ -26,6 +30,8 @@ from diffkd.models.checkpoint import describe_architecture, unwrap_model
 from diffkd.models.cifar import CifarNet
 
 INPUT_SUFFIX = ":input"
+# module name, optional ":input", optional "[key]" (one entry of a dict / tuple / list the module returns or takes)
+_TAP_PATTERN = re.compile(r"(?P<module>[^\[\]]+?)(?P<input>:input)?(?:\[(?P<key>[^\[\]]+)\])?")
 CIFAR_IMAGE_SIZE = (32, 32)
 
 
@@ -113,12 +119,39 @@ def describe_spatial_match(student_shape: Sequence[int], teacher_shape: Sequence
 
 
 # ---- hooks by module name --------------------------------------------------------------------------------------
-def _parse_tap(tap: str) -> tuple[str, bool]:
-    if not isinstance(tap, str) or not tap:
-        raise ValueError(f"a tap is a module name, optionally ending in '{INPUT_SUFFIX}', got {tap!r}")
-    if tap.endswith(INPUT_SUFFIX):
-        return tap[:-len(INPUT_SUFFIX)], True
-    return tap, False
+def entry_tap(module_name: str, key: str | int, *, on_input: bool = False) -> str:
+    """The tap of one entry of what ``module_name`` returns (or, with ``on_input``, takes): ``"backbone[0]"``."""
+    return f"{module_name}{INPUT_SUFFIX if on_input else ''}[{key}]"
+
+
+def _parse_tap(tap: str) -> tuple[str, bool, str | None]:
+    """(module name, whether the input is tapped, entry key or None)."""
+    match = _TAP_PATTERN.fullmatch(tap) if isinstance(tap, str) else None
+    if match is None:
+        raise ValueError(f"a tap is a module name, optionally followed by '{INPUT_SUFFIX}' and/or one '[key]' "
+                         f"(an entry of a dict / tuple output, e.g. 'backbone[0]'), got {tap!r}")
+    return match["module"], match["input"] is not None, match["key"]
+
+
+def _select_entry(tap: str, value, key: str | None):
+    """``value[key]`` for a tap with ``[key]``: a dict entry (by string, or by integer for int-keyed dicts) or a
+    tuple / list element."""
+    if key is None:
+        return value
+    if isinstance(value, Mapping):
+        if key in value:
+            return value[key]
+        if key.lstrip("-").isdigit() and int(key) in value:
+            return value[int(key)]
+        entries = ", ".join(repr(entry) for entry in value)
+        raise ValueError(f"tap {tap!r}: the tapped dict has no entry {key!r}; its entries are: {entries}")
+    if isinstance(value, (tuple, list)):
+        if not key.lstrip("-").isdigit() or not -len(value) <= int(key) < len(value):
+            raise ValueError(f"tap {tap!r}: the tapped {type(value).__name__} has {len(value)} elements; "
+                             f"[{key}] is not an index into it")
+        return value[int(key)]
+    raise ValueError(f"tap {tap!r}: the tapped value is a {type(value).__name__}, not a dict, tuple or list; drop "
+                     f"the '[{key}]'")
 
 
 def _find_module(model: nn.Module, name: str) -> nn.Module:
@@ -151,12 +184,13 @@ class TapSet:
         self._handles = []
         try:
             for tap in self.taps:
-                name, on_input = _parse_tap(tap)
+                name, on_input, key = _parse_tap(tap)
                 module = _find_module(self.model, name)
                 if on_input:
-                    handle = module.register_forward_pre_hook(partial(self._capture_input, tap), with_kwargs=True)
+                    handle = module.register_forward_pre_hook(partial(self._capture_input, tap, key),
+                                                              with_kwargs=True)
                 else:
-                    handle = module.register_forward_hook(partial(self._capture_output, tap))
+                    handle = module.register_forward_hook(partial(self._capture_output, tap, key))
                 self._handles.append(handle)
         except BaseException:
             self.remove()
@@ -165,15 +199,16 @@ class TapSet:
     def _store(self, tap: str, value) -> None:
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"tap {tap!r} on {describe_architecture(self.model)} produced a "
-                             f"{type(value).__name__}, not a tensor; tap a module that returns a single tensor")
+                             f"{type(value).__name__}, not a tensor; tap a module that returns a single tensor, or "
+                             f"one entry of a dict / tuple output with '[key]' (e.g. 'backbone[0]')")
         self.features[tap] = value
         self.calls[tap] += 1
 
-    def _capture_input(self, tap: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._store(tap, args[0] if args else next(iter(kwargs.values()), None))
+    def _capture_input(self, tap: str, key: str | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._store(tap, _select_entry(tap, args[0] if args else next(iter(kwargs.values()), None), key))
 
-    def _capture_output(self, tap: str, module: nn.Module, args: tuple, output) -> None:
-        self._store(tap, output)
+    def _capture_output(self, tap: str, key: str | None, module: nn.Module, args: tuple, output) -> None:
+        self._store(tap, _select_entry(tap, output, key))
 
     def captured(self, tap: str) -> torch.Tensor:
         """The raw tensor the tap captured in the latest forward."""
