@@ -1,4 +1,5 @@
-"""Models for distillation: the CIFAR benchmark's zoo, timm models, checkpoints and feature taps.
+"""Models for distillation: the CIFAR benchmark's zoo, timm models, torchvision detectors and segmentation models,
+checkpoints and feature taps.
 
 >>> teacher = create_model("resnet32x4", checkpoint="save/models/resnet32x4_vanilla/ckpt_epoch_240.pth")
 >>> student = create_model("resnet8x4")
@@ -8,13 +9,18 @@
 from diffkd.models.checkpoint import (CheckpointInfo, describe_architecture, load_checkpoint,
                                       save_checkpoint_benchmark_format, unwrap_model)
 from diffkd.models.cifar import CifarNet
+from diffkd.models.detection import (DETECTION_BACKBONES, DETECTORS, FPNLevel, build_detector, evaluate_detection,
+                                     fpn_levels, match_fpn_levels)
 from diffkd.models.factory import create_model, list_cifar_models
-from diffkd.models.taps import (FeatureTaps, TapSet, default_taps, describe_spatial_match, infer_input_size,
+from diffkd.models.segmentation import SEGMENTERS, build_segmenter, evaluate_segmentation
+from diffkd.models.taps import (FeatureTaps, TapSet, default_taps, describe_spatial_match, entry_tap, infer_input_size,
                                 match_spatial, probe_taps, to_feature_map, tokens_to_map)
 
 __all__ = [
     "create_model", "list_cifar_models", "CifarNet",
     "load_checkpoint", "save_checkpoint_benchmark_format", "CheckpointInfo", "unwrap_model", "describe_architecture",
-    "FeatureTaps", "TapSet", "default_taps", "probe_taps", "infer_input_size",
+    "build_detector", "DETECTORS", "DETECTION_BACKBONES", "fpn_levels", "match_fpn_levels", "FPNLevel",
+    "evaluate_detection", "build_segmenter", "SEGMENTERS", "evaluate_segmentation",
+    "FeatureTaps", "TapSet", "default_taps", "probe_taps", "infer_input_size", "entry_tap",
     "tokens_to_map", "to_feature_map", "match_spatial", "describe_spatial_match",
 ]
