@@ -288,3 +288,39 @@ def test_the_demo_runs_end_to_end_on_real_data_with_a_step_cap(tmp_path, capsys,
     # a second demo reuses the cached teacher
     code, out, err = run_cli(train, [*argv[:-1], "demo2"], capsys)
     assert code == 0 and f"reusing {cached[0]}" in out and not (tmp_path / "demo2" / "teacher").exists()
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------------------------
+def test_cuda_graph_on_a_cpu_is_refused_and_auto_says_the_heads_run_eagerly(data_dir, teacher_ckpt, tmp_path,
+                                                                             capsys):
+    argv = distill(data_dir, tmp_path, teacher_ckpt, **{"--experiment": "run", "--max-steps": 1})
+    code, _, err = run_cli(train, [*argv, "--cuda-graph", "on"], capsys)
+    assert_clean_failure(code, err, "--cuda-graph on needs a CUDA device")
+    assert not (tmp_path / "run").exists()
+    code, out, err = run_cli(train, argv, capsys)
+    assert code == 0, err
+    assert "feature head runs eager torch" in out and "logit head runs eager torch" in out
+
+
+def test_graphed_heads_keep_the_distillers_state_dict_and_results(data_dir, teacher_ckpt):
+    from diffkd.graphs import CUDAGraphHead
+    from diffkd.train.build import build_model, graph_heads
+    from diffkd.train.runtime import Runtime
+    args, _ = parse_args(["--student", "resnet8", "--teacher", "resnet14", "--teacher-ckpt", str(teacher_ckpt)])
+    info = {"num_classes": 10, "in_chans": 1, "image_size": 28}
+    runtime = Runtime(device=torch.device("cpu"))
+    bare, wrapped = build_model(args, info, runtime), build_model(args, info, runtime)
+    lines = []
+    graph_heads(wrapped, "on", torch.device("cuda"), lines.append)  # as a CUDA run wraps; CPU tensors pass through
+    assert all(isinstance(head, CUDAGraphHead) for head in wrapped.heads.values())
+    assert lines == ["feature head runs graphed Triton (captured on its first step, checked against an eager step)",
+                     "logit head runs graphed Triton (captured on its first step, checked against an eager step)"]
+    assert list(bare.state_dict()) == list(wrapped.state_dict())
+    images, targets = torch.randn(4, 1, 28, 28), torch.arange(4)
+    torch.manual_seed(0)
+    expected = bare(images, targets)
+    torch.manual_seed(0)
+    actual = wrapped(images, targets)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key

@@ -15,7 +15,9 @@ from torch import nn
 import kernels
 from diffkd.data import build_datasets, build_loader, subset
 from diffkd.distill import SETTING_NAMES, Distiller, build_distiller, method_settings
+from diffkd.graphs import CUDAGraphHead, head_path
 from diffkd.models import create_model, default_taps
+from diffkd.modules import DiffKDHead
 from diffkd.train.errors import UsageError
 from diffkd.train.runtime import Runtime
 
@@ -120,6 +122,26 @@ def build_model(args: argparse.Namespace, info: dict, runtime: Runtime) -> Disti
     for name in SETTING_NAMES:  # record the resolved method settings
         setattr(args, name, getattr(settings, name))
     return distiller
+
+
+def check_cuda_graph(mode: str, device_type: str) -> None:
+    if mode == "on" and device_type != "cuda":
+        raise UsageError(f"--cuda-graph on needs a CUDA device and this run is on {device_type}; use --cuda-graph "
+                         f"auto (or off), which runs the heads eagerly here")
+
+
+def graph_heads(model: Distiller, mode: str, device: torch.device, log) -> None:
+    """Wraps every DiffKD head in a CUDAGraphHead when ``mode`` (--cuda-graph) asks for it on this device, and logs
+    the path each head runs.  Call it after moving the model, before building the optimizer and wrapping in DDP."""
+    check_cuda_graph(mode, device.type)
+    graph = mode == "on" or (mode == "auto" and device.type == "cuda")
+    for name, head in model.heads.items():
+        if not isinstance(head, DiffKDHead):
+            continue
+        if graph:
+            head = model.heads[name] = CUDAGraphHead(head)
+        log(f"{name} head runs {head_path(head, device)}"
+            f"{' (captured on its first step, checked against an eager step)' if graph else ''}")
 
 
 def build_optimizer(args: argparse.Namespace, model: Distiller) -> torch.optim.Optimizer:

@@ -213,6 +213,10 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                        help="channels-last memory format for the models and images")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    group.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                       help="replay each DiffKD head's forward and backward from CUDA graphs, where the fused Triton "
+                            "kernels pay off; each new shape is checked once against an eager step and falls back "
+                            "to eager with a warning if they disagree. auto: on for CUDA runs, off on a CPU")
     group.add_argument("--threads", type=positive_int,
                        help="CPU threads per process (default: $OMP_NUM_THREADS, else every core available)")
     group.add_argument("--seed", type=int, default=0,

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from diffkd.train.build import build_data, build_model, build_optimizer, lr_factor_schedule
+from diffkd.train.build import build_data, build_model, build_optimizer, graph_heads, lr_factor_schedule
 from diffkd.train.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, capture_rng_state, describe_position,
                                      restore_rng_state)
 from diffkd.train.cli import interval_seconds_or_steps
@@ -29,6 +29,7 @@ from diffkd.train.run_folder import RunFolder, stored_args
 from diffkd.train.runtime import Precision, Runtime, StopRequest, environment_report
 from diffkd.train.tasks import ClassificationTask, EvaluationInterrupted
 from diffkd.files import save_atomically
+from diffkd.graphs import CUDAGraphHead
 
 # fp16: the gradient scaler skips a step whose gradients overflowed and halves its scale.  This many skipped
 # steps in a row (the scale divided by 2^25) means the run itself diverged.
@@ -88,6 +89,7 @@ class Trainer:
         self.model.to(runtime.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        graph_heads(self.model, args.cuda_graph, runtime.device, runtime.log)
         amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.amp_dtype] if args.amp else None
         self.precision = Precision(runtime.device.type, amp_dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16)
@@ -295,7 +297,16 @@ class Trainer:
         self.global_step += 1
         self.step_in_epoch += 1
         self.steps_this_invocation += 1
+        if self.steps_this_invocation == 1:
+            self._report_graphed_heads()
         return out
+
+    def _report_graphed_heads(self) -> None:
+        """After the first step, what each graphed head actually ran (a failed capture or self-check falls back)."""
+        for name, head in self.model.heads.items():
+            if isinstance(head, CUDAGraphHead):
+                reason = f" ({head.fallback_reason})" if head.fallback_reason else ""
+                self.runtime.log(f"{name} head ran {head.path} in the first step{reason}")
 
     def _at_safe_point(self, out: dict, progress_rate: float | None) -> str | None:
         """After a step: the progress line (with ``progress_rate``), finiteness and checkpoints; returns why the

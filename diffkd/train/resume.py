@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from diffkd.files import file_sha256
-from diffkd.train.build import resolve_path
+from diffkd.train.build import check_cuda_graph, resolve_path
 from diffkd.train.checkpoint import read_checkpoint
 from diffkd.train.cli import apply_recipe, build_parser
 from diffkd.train.errors import UsageError
@@ -39,6 +39,7 @@ def resolve_new_run(args: argparse.Namespace) -> None:
     args.teacher_ckpt_sha256 = (file_sha256(teacher_file) if _teacher_used(args) and teacher_file.is_file()
                                 else None)
     args.device = resolve_device(args.device)
+    check_cuda_graph(args.cuda_graph, args.device)
     args.threads = args.threads or default_threads()
 
 
