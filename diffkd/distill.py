@@ -1,10 +1,37 @@
-"""Distillation methods (SPEC §6) and the Distiller that trains a student beside a frozen teacher.
+"""Distillation methods and the Distillers that train a student beside a frozen teacher.
 
 A *head* distils one pair of tensors and returns a dict with ``loss`` (its weighted contribution) and its named
-terms.  Heads are keyed by what they distil: ``"feature"`` (the last feature map before pooling, SPEC §5) or
-``"logit"`` (the classifier outputs).  The Distiller owns the student and every head, so one ``parameters()``
-call reaches everything the optimizer must train; the teacher is deliberately *not* a submodule, so neither
-``state_dict``, the optimizer nor DDP ever sees it.
+terms.  Heads are named, and each name is bound (:class:`HeadBinding`) to a student tensor and a teacher tensor:
+a *tap* — a module's output, or one entry of it, read with forward hooks (:mod:`diffkd.models.taps`) — or the
+model's logits.  A Distiller owns the student and every head, so one ``parameters()`` call reaches everything the
+optimizer must train; the teacher is deliberately *not* a submodule, so neither ``state_dict``, the optimizer nor
+DDP ever sees it.
+
+One Distiller per task, each with its builder:
+
+- classification — :class:`Distiller`, :func:`build_distiller`: heads ``feature`` (the last feature map before
+  pooling) and ``logit`` (the classifier outputs);
+- detection — :class:`DetectionDistiller`, :func:`build_detection_distiller`: a head ``fpn.<level>`` on every FPN
+  level (``fpn.0`` … ``fpn.pool``), each matched to the teacher level of the same stride, or one head ``fpn``
+  shared by every level;
+- segmentation — :class:`SegmentationDistiller`, :func:`build_segmentation_distiller`: a head ``score_map`` on
+  the class-score map before upsampling.
+
+The contract every Distiller keeps with a training loop:
+
+- ``forward(images, targets) -> dict``: ``"loss"`` (the tensor to optimise) and a detached 0-dim tensor for every
+  named term — the task's (``ce_loss``; for detection ``detection_loss`` and ``detection/<torchvision's loss
+  name>``) and ``<head>/<term>`` for every head (``kd_loss``, ``diffusion_loss``, ``ae_loss``, ``gamma``, …;
+  per-sample terms as batch means).  Classification adds ``logits`` (the student's, not detached).  Nothing in
+  it synchronises with the host (a detector's own loss code may).
+- ``.student``, ``.heads`` (an ``nn.ModuleDict``; dotted head names nest: ``heads.fpn.0``), ``.teacher`` (not a
+  submodule; kept in eval mode), ``.bindings``, ``trainable_parameters()`` (for the optimizer) and
+  ``extra_parameter_count()`` (the heads: training-time only).
+- Loss weights come from :func:`method_settings` (``task=`` picks the detection or segmentation defaults).
+- The student is evaluated apart from the Distiller: classification by its logits, detection with
+  :func:`diffkd.models.evaluate_detection` (raw per-image detections for :class:`diffkd.metrics.DetectionEvaluator`),
+  segmentation with :func:`diffkd.models.evaluate_segmentation` (a confusion matrix in a
+  :class:`diffkd.metrics.SegmentationMetric`).
 """
 from __future__ import annotations
 
@@ -16,10 +43,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffkd.losses import dist_loss, kl_div_loss, mse_loss
-from diffkd.models import FeatureTaps, describe_spatial_match, match_spatial, probe_taps
+from diffkd.models import TapSet, describe_spatial_match, match_spatial, probe_taps, unwrap_model
+from diffkd.models.detection import check_same_preprocessing, fpn_levels, match_fpn_levels
+from diffkd.models.segmentation import (IGNORE_INDEX, SCORE_MAP_TAP, check_same_classes, score_map_output,
+                                        score_map_shape)
 from diffkd.modules import DiffKDHead
 
 METHODS = ("none", "kd", "dist", "mse", "diffkd")
+TASKS = ("classification", "detection", "segmentation")
+# kd and dist compare class probabilities, which FPN maps are not; mse on class scores is no method of the papers.
+TASK_METHODS = {"classification": METHODS, "detection": ("none", "mse", "diffkd"),
+                "segmentation": ("none", "kd", "dist", "diffkd")}
 HEAD_KINDS = ("feature", "logit")
 HEAD_SELECTIONS = {"feature": ("feature",), "logit": ("logit",), "both": ("feature", "logit")}
 LOGIT_DISTANCES = ("kl", "dist")
@@ -30,18 +64,18 @@ class MethodSettings:
     """Everything that defines a distillation method's losses; ``method_settings`` fills the recipe defaults."""
 
     method: str = "diffkd"
-    ce_weight: float = 1.0
+    ce_weight: float = 1.0          # the task loss: CE (classification, segmentation) or the detector's losses
     kd_weight: float = 1.0          # the KD/DIST/MSE term, or each DiffKD head's KD term
     kd_temperature: float = 1.0     # τ of KL and DIST (DiffKD's logit head included)
     dist_beta: float = 1.0          # DIST inter-class weight
     dist_gamma: float = 1.0         # DIST intra-class weight
     diffusion_weight: float = 1.0   # DiffKD: the denoiser's diffusion loss
     ae_weight: float = 1.0          # DiffKD: the feature head's autoencoder loss
-    heads: str = "both"             # DiffKD: feature | logit | both
+    heads: str = "both"             # DiffKD on classification: feature | logit | both
     ae_channels: int = 0            # DiffKD feature head's autoencoder width; 0 = no autoencoder
     nfe: int = 5                    # DiffKD: denoising steps
     anm: bool = True                # DiffKD: adaptive noise matching
-    logit_distance: str = "kl"      # DiffKD logit head: kl, or dist (the paper's DiffKD†)
+    logit_distance: str = "kl"      # DiffKD's logit / score-map head: kl, or dist (the paper's DiffKD†)
     timestep_start: str = "official"
     backend: str = "auto"
 
@@ -63,13 +97,17 @@ class MethodSettings:
 
     @property
     def head_kinds(self) -> tuple[str, ...]:
-        """The tensors this method distils."""
+        """The tensors this method distils on a classifier (empty: the method needs no teacher)."""
         return {"none": (), "kd": ("logit",), "dist": ("logit",), "mse": ("feature",),
                 "diffkd": HEAD_SELECTIONS[self.heads]}[self.method]
 
 
-# SPEC §6's loss weights.  The CIFAR-100 column also serves Fashion-MNIST (small images, small models).
+# Loss weights per method and recipe column.  Tags: [paper] the DiffKD paper, [benchmark] the common CIFAR
+# benchmark's convention, [DIST] / [CIRKD] those papers' segmentation code, [ours] our choice where none says.
+# The CIFAR-100 column also serves Fashion-MNIST (small images, small models).
 _RECIPE_COLUMN = {"cifar100": "cifar", "fashion-mnist": "cifar", "imagenet": "imagenet"}
+# Datasets with dense targets, and the tasks they serve (the column is the task).
+_DENSE_DATASETS = {"fashion-scenes": ("detection", "segmentation")}
 _METHOD_DEFAULTS = {
     ("none", "cifar"): dict(ce_weight=1.0),
     ("none", "imagenet"): dict(ce_weight=1.0),
@@ -83,27 +121,64 @@ _METHOD_DEFAULTS = {
                               ae_channels=0),
     ("diffkd", "imagenet"): dict(ce_weight=1.0, kd_weight=1.0, diffusion_weight=1.0, ae_weight=1.0,
                                  kd_temperature=1.0, ae_channels=1024),
+    # Detection: every FPN level, no autoencoder, DiffKD weight 5 and diffusion weight 1 [paper]; the FitNet-style
+    # mse baseline on the same levels, weight 1 [ours].
+    ("none", "detection"): dict(ce_weight=1.0),
+    ("mse", "detection"): dict(ce_weight=1.0, kd_weight=1.0),
+    ("diffkd", "detection"): dict(ce_weight=1.0, kd_weight=5.0, diffusion_weight=1.0, ae_weight=1.0,
+                                  kd_temperature=1.0, ae_channels=0),
+    # Segmentation, on the class-score map: pixel-wise KL with τ = 1 and weight 1 [CIRKD]; DIST with τ = 1,
+    # β = γ = 1, λ = 1 [DIST]; DiffKD with the DIST distance, λ = 1, no autoencoder [paper].
+    ("none", "segmentation"): dict(ce_weight=1.0),
+    ("kd", "segmentation"): dict(ce_weight=1.0, kd_weight=1.0, kd_temperature=1.0),
+    ("dist", "segmentation"): dict(ce_weight=1.0, kd_weight=1.0, kd_temperature=1.0, dist_beta=1.0, dist_gamma=1.0),
+    ("diffkd", "segmentation"): dict(ce_weight=1.0, kd_weight=1.0, diffusion_weight=1.0, ae_weight=1.0,
+                                     kd_temperature=1.0, ae_channels=0, logit_distance="dist"),
 }
 SETTING_NAMES = tuple(f.name for f in fields(MethodSettings))
 
 
-def method_settings(method: str, dataset: str, **overrides) -> MethodSettings:
-    """The method's settings for ``dataset`` (SPEC §6 defaults), with ``overrides`` (None values ignored)."""
+def _recipe_column(method: str, dataset: str, task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if method not in TASK_METHODS[task]:
+        raise ValueError(f"method {method!r} does not apply to {task}; choose one of {', '.join(TASK_METHODS[task])}")
+    if task == "classification":
+        if dataset not in _RECIPE_COLUMN:
+            dense = f" ({dataset!r} is a {' / '.join(_DENSE_DATASETS[dataset])} dataset)" \
+                if dataset in _DENSE_DATASETS else ""
+            raise ValueError(f"unknown dataset {dataset!r} for classification{dense}; choose one of "
+                             f"{', '.join(_RECIPE_COLUMN)}")
+        return _RECIPE_COLUMN[dataset]
+    if task not in _DENSE_DATASETS.get(dataset, ()):
+        choices = [name for name, tasks in _DENSE_DATASETS.items() if task in tasks]
+        raise ValueError(f"dataset {dataset!r} has no {task} targets; choose one of {', '.join(choices)}")
+    return task
+
+
+def method_settings(method: str, dataset: str, task: str = "classification", **overrides) -> MethodSettings:
+    """The method's settings for ``dataset`` and ``task`` (the recipe's defaults), with ``overrides`` (None values
+    ignored).  Detection and segmentation have their own defaults (see ``_METHOD_DEFAULTS``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if dataset not in _RECIPE_COLUMN:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(_RECIPE_COLUMN)}")
+    column = _recipe_column(method, dataset, task)
     unknown = sorted(set(overrides) - set(SETTING_NAMES))
     if unknown:
         raise ValueError(f"unknown method settings {unknown}; expected some of {', '.join(SETTING_NAMES)}")
-    values = dict(_METHOD_DEFAULTS[method, _RECIPE_COLUMN[dataset]])
+    values = dict(_METHOD_DEFAULTS[method, column])
     values.update({name: value for name, value in overrides.items() if value is not None})
     values["method"] = method
     return MethodSettings(**values)
 
 
+# ---- heads -----------------------------------------------------------------------------------------------------
 class LogitDistillation(nn.Module):
-    """KL (τ²·KL, batchmean) or DIST between the student's and the teacher's logits."""
+    """KL (τ²·KL, batchmean) or DIST between the student's and the teacher's logits.
+
+    On B×K×H×W class-score maps both work per pixel: softmax over the K classes of each pixel; KL is averaged
+    over pixels, DIST's inter-class term correlates each pixel's class distributions and its intra-class term each
+    class's scores over all pixels of the batch (as the DIST paper's segmentation code does).
+    """
 
     def __init__(self, distance: str = "kl", *, weight: float = 1.0, temperature: float = 1.0, beta: float = 1.0,
                  gamma: float = 1.0):
@@ -137,48 +212,167 @@ class FeatureRegression(nn.Module):
         return {"loss": self.weight * kd_loss, "kd_loss": kd_loss}
 
 
+def _logit_head(settings: MethodSettings) -> LogitDistillation:
+    """The kd / dist method's head."""
+    return LogitDistillation("kl" if settings.method == "kd" else "dist", weight=settings.kd_weight,
+                             temperature=settings.kd_temperature, beta=settings.dist_beta, gamma=settings.dist_gamma)
+
+
+def _diffkd_head(settings: MethodSettings, student_channels: int, teacher_channels: int, *, spatial: bool,
+                 distance: str, autoencoder: bool) -> DiffKDHead:
+    use_ae = autoencoder and settings.ae_channels > 0
+    return DiffKDHead(student_channels, teacher_channels, kernel_size=3 if spatial else 1, use_ae=use_ae,
+                      ae_channels=settings.ae_channels if use_ae else None, inference_steps=settings.nfe,
+                      timestep_start=settings.timestep_start, use_anm=settings.anm, distance=distance,
+                      temperature=settings.kd_temperature, kd_weight=settings.kd_weight,
+                      diffusion_weight=settings.diffusion_weight, ae_weight=settings.ae_weight,
+                      backend=settings.backend)
+
+
+def _feature_map_head(settings: MethodSettings, student_channels: int, teacher_channels: int) -> nn.Module:
+    """The mse / diffkd head on a pair of feature maps (classification features, FPN levels)."""
+    if settings.method == "mse":
+        return FeatureRegression(student_channels, teacher_channels, weight=settings.kd_weight)
+    return _diffkd_head(settings, student_channels, teacher_channels, spatial=True, distance="mse", autoencoder=True)
+
+
+def build_heads(settings: MethodSettings, student_shapes: Mapping[str, tuple[int, ...]],
+                teacher_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, nn.Module]:
+    """A classifier's heads for ``settings.method``, given its feature/logit shapes (without batch dimension)."""
+    heads: dict[str, nn.Module] = {}
+    for kind in settings.head_kinds:
+        s_channels, t_channels = student_shapes[kind][0], teacher_shapes[kind][0]
+        if kind == "logit" and s_channels != t_channels:
+            raise ValueError(f"the student predicts {s_channels} classes and the teacher {t_channels}: logit "
+                             "distillation needs the same classes (build both models with the same num_classes)")
+        if settings.method in ("kd", "dist"):
+            heads[kind] = _logit_head(settings)
+        elif kind == "feature":
+            heads[kind] = _feature_map_head(settings, s_channels, t_channels)
+        else:
+            heads[kind] = _diffkd_head(settings, s_channels, t_channels, spatial=False,
+                                       distance=settings.logit_distance, autoencoder=False)
+    return heads
+
+
+# ---- the Distillers ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadBinding:
+    """What one named head distils.
+
+    ``student`` / ``teacher``: a tap of that model (``"layer4"``, ``"pool4:input"``, ``"backbone[0]"``; see
+    :mod:`diffkd.models.taps`), or None for the model's output (a classifier's logits).  ``head``: the module in
+    ``Distiller.heads`` that does it — None for the module of the binding's own name; several bindings may name one
+    module to share it.  ``weight`` multiplies that head's loss.
+    """
+
+    student: str | None
+    teacher: str | None
+    head: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.weight >= 0:
+            raise ValueError(f"a head's weight must be >= 0, got {self.weight!r}")
+
+
 # Per-head outputs that are tensors to inspect, not numbers to log.
 _UNLOGGED_TERMS = ("loss", "denoised", "target")
 
 
-class Distiller(nn.Module):
-    """A trainable student and its distillation heads, beside a frozen teacher.
+def _check_head_name(name: str) -> None:
+    if not isinstance(name, str) or "/" in name or any(not part for part in name.split(".")):
+        raise ValueError(f"a head name is a non-empty string of dot-separated parts without '/' (it prefixes the "
+                         f"logged terms, '<head>/<term>'), got {name!r}")
 
-    ``heads`` maps ``"feature"`` and/or ``"logit"`` to a head module (``head(student, teacher) -> dict`` with
-    ``loss``).  A feature head needs the names of the modules whose outputs are the feature maps
-    (``student_feature`` / ``teacher_feature``, as found by :func:`diffkd.models.default_taps`); they are read
-    with forward hooks.  Token outputs (B×N×C) become maps; the larger of two maps of different sizes is
-    average-pooled to the smaller size.
+
+def _module_tree(modules: Mapping[str, nn.Module]) -> nn.ModuleDict:
+    """An nn.ModuleDict in which a dotted name nests: {"fpn.0": m} → ModuleDict(fpn=ModuleDict(0=m))."""
+    root = nn.ModuleDict()
+    for name, module in modules.items():
+        _check_head_name(name)
+        *parents, leaf = name.split(".")
+        node = root
+        for part in parents:
+            if part not in node:
+                node[part] = nn.ModuleDict()
+            node = node[part]
+            if not isinstance(node, nn.ModuleDict):
+                raise ValueError(f"head name {name!r} nests under another head's name; rename one of them")
+        if leaf in node:
+            raise ValueError(f"head name {name!r} is also the prefix of other heads' names; rename one of them")
+        node[leaf] = module
+    return root
+
+
+class Distiller(nn.Module):
+    """A trainable classifier and its distillation heads, beside a frozen teacher.
+
+    ``heads`` maps names to head modules (``head(student, teacher) -> dict`` with ``loss``).  ``bindings`` says what
+    each named head distils (:class:`HeadBinding`); without one, a head named ``"feature"`` distils the maps of the
+    modules ``student_feature`` / ``teacher_feature`` (as found by :func:`diffkd.models.default_taps`) and a head
+    named ``"logit"`` the logits.  Heads run in the order of ``bindings``, then of ``heads``.  Token outputs
+    (B×N×C) become maps, and of two maps of different sizes the larger is average-pooled to the smaller size.
 
     ``forward(images, targets)`` returns ``loss`` (to optimise), ``logits`` (the student's), ``ce_loss`` and
     ``<head>/<term>`` for every scalar term of every head (per-sample terms such as ``gamma`` as batch means).
     """
 
+    task = "classification"
+    _binds_outputs = True  # heads may distil the models' outputs (logits); dense tasks distil taps only
+
     def __init__(self, teacher: nn.Module | None, student: nn.Module, heads: Mapping[str, nn.Module] | None = None,
-                 *, teacher_feature: str | None = None, student_feature: str | None = None, ce_weight: float = 1.0):
+                 *, bindings: Mapping[str, HeadBinding] | None = None, teacher_feature: str | None = None,
+                 student_feature: str | None = None, ce_weight: float = 1.0):
         super().__init__()
         heads = dict(heads or {})
-        unknown = sorted(set(heads) - set(HEAD_KINDS))
-        if unknown:
-            raise ValueError(f"unknown head names {unknown}; heads are keyed by what they distil: "
-                             f"{' or '.join(HEAD_KINDS)}")
         if heads and teacher is None:
             raise ValueError(f"heads {sorted(heads)} need a teacher, got teacher=None")
-        if "feature" in heads and not (teacher_feature and student_feature):
-            raise ValueError("a feature head needs teacher_feature and student_feature (module names whose outputs "
-                             f"are the feature maps), got {teacher_feature!r} and {student_feature!r}")
         self.student = student
-        self.heads = nn.ModuleDict(heads)
+        self.heads = _module_tree(heads)
+        self.bindings = self._resolve_bindings(heads, dict(bindings or {}), student_feature, teacher_feature)
         self.ce_weight = ce_weight
-        self.student_feature, self.teacher_feature = student_feature, teacher_feature
         # Not a submodule on purpose: state_dict, parameters(), the optimizer and DDP must never see the teacher.
         object.__setattr__(self, "teacher", teacher)
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
-        uses_features = "feature" in heads
-        self._student_taps = FeatureTaps(student, student_feature) if uses_features else None
-        self._teacher_taps = FeatureTaps(teacher, teacher_feature) if uses_features else None
+        self._student_taps = self._tap_set(student, [b.student for b in self.bindings.values()])
+        self._teacher_taps = self._tap_set(teacher, [b.teacher for b in self.bindings.values()])
+
+    def _resolve_bindings(self, heads: dict, bindings: dict, student_feature: str | None,
+                          teacher_feature: str | None) -> dict[str, HeadBinding]:
+        for name, binding in bindings.items():
+            _check_head_name(name)
+            module_name = binding.head or name
+            if module_name not in heads:
+                raise ValueError(f"binding {name!r} uses head {module_name!r}, which is not one of the heads "
+                                 f"({', '.join(heads) or 'none'})")
+        used = {binding.head or name for name, binding in bindings.items()}
+        unbound = [name for name in heads if name not in used]
+        unknown = [name for name in unbound if name not in HEAD_KINDS]
+        if unknown:
+            raise ValueError(f"unknown head names {unknown}: without a binding, heads are keyed by what they distil "
+                             f"({' or '.join(HEAD_KINDS)}); bind other heads with "
+                             f"bindings={{name: HeadBinding(student_tap, teacher_tap)}}")
+        if "feature" in unbound:
+            if not (teacher_feature and student_feature):
+                raise ValueError("a feature head needs teacher_feature and student_feature (module names whose "
+                                 f"outputs are the feature maps), got {teacher_feature!r} and {student_feature!r}")
+            bindings["feature"] = HeadBinding(student_feature, teacher_feature)
+        if "logit" in unbound:
+            bindings["logit"] = HeadBinding(None, None)
+        if not self._binds_outputs:
+            outputs = [name for name, binding in bindings.items() if binding.student is None or binding.teacher is None]
+            if outputs:
+                raise ValueError(f"heads {outputs} are bound to the models' outputs, which a {self.task} distiller "
+                                 f"does not distil; bind them to taps (module names, e.g. 'backbone[0]')")
+        return bindings
+
+    @staticmethod
+    def _tap_set(model: nn.Module | None, taps: list[str | None]) -> TapSet | None:
+        taps = [tap for tap in taps if tap is not None]
+        return TapSet(model, taps) if taps else None
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half() and channels-last conversions move the teacher along with the student.
@@ -201,61 +395,98 @@ class Distiller(nn.Module):
         """Parameters that exist only for training (the heads); the deployed student does not carry them."""
         return sum(p.numel() for p in self.heads.parameters())
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        teacher_logits = teacher_map = None
-        if self.heads:
+    # ---- what differs between tasks --------------------------------------------------------------------------
+    def _teacher_forward(self, images):
+        """Runs the teacher (under no_grad) far enough for every tap; returns its output (or None)."""
+        return self.teacher(images)
+
+    def _student_forward(self, images, targets) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], torch.Tensor]:
+        """(student output for output-bound heads, logged task terms, weighted task loss)."""
+        logits = self.student(images)
+        ce_loss = F.cross_entropy(logits.float(), targets)
+        return logits, {"logits": logits, "ce_loss": ce_loss.detach()}, self.ce_weight * ce_loss
+
+    # ---- the common part -------------------------------------------------------------------------------------
+    def forward(self, images, targets) -> dict[str, torch.Tensor]:
+        teacher_output, teacher_tensors = None, {}
+        if self.bindings:
             with torch.no_grad():
-                teacher_logits = self.teacher(images)
+                teacher_output = self._teacher_forward(images)
                 if self._teacher_taps is not None:
-                    teacher_map = self._teacher_taps.feature
+                    teacher_tensors = {tap: self._teacher_taps.map(tap) for tap in self._teacher_taps.taps}
                     self._teacher_taps.clear()
-        student_logits = self.student(images)
-        ce_loss = F.cross_entropy(student_logits.float(), targets)
-        out = {"logits": student_logits, "ce_loss": ce_loss.detach()}
-        loss = self.ce_weight * ce_loss
-        for name, head in self.heads.items():
-            if name == "feature":
-                student_map, pooled_teacher_map = match_spatial(self._student_taps.feature, teacher_map)
-                self._student_taps.clear()
-                terms = head(student_map, pooled_teacher_map)
-            else:
-                terms = head(student_logits, teacher_logits)
-            loss = loss + terms["loss"]
+        student_output, out, loss = self._student_forward(images, targets)
+        for name, binding in self.bindings.items():
+            student_tensor = student_output if binding.student is None else self._student_taps.map(binding.student)
+            teacher_tensor = teacher_output if binding.teacher is None else teacher_tensors[binding.teacher]
+            if student_tensor.dim() == 4 and teacher_tensor.dim() == 4:
+                student_tensor, teacher_tensor = match_spatial(student_tensor, teacher_tensor)
+            terms = self.heads.get_submodule(binding.head or name)(student_tensor, teacher_tensor)
+            loss = loss + (terms["loss"] if binding.weight == 1 else binding.weight * terms["loss"])
             for term, value in terms.items():
                 if term not in _UNLOGGED_TERMS:
                     out[f"{name}/{term}"] = value.detach().float().mean()
+        if self._student_taps is not None:
+            self._student_taps.clear()
         out["loss"] = loss
         return out
 
 
-def build_heads(settings: MethodSettings, student_shapes: Mapping[str, tuple[int, ...]],
-                teacher_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, nn.Module]:
-    """The heads of ``settings.method`` for the given feature/logit shapes (without batch dimension)."""
-    heads: dict[str, nn.Module] = {}
-    for kind in settings.head_kinds:
-        s_channels, t_channels = student_shapes[kind][0], teacher_shapes[kind][0]
-        if kind == "logit" and s_channels != t_channels:
-            raise ValueError(f"the student predicts {s_channels} classes and the teacher {t_channels}: logit "
-                             "distillation needs the same classes (build both models with the same num_classes)")
-        if settings.method in ("kd", "dist"):
-            heads[kind] = LogitDistillation("kl" if settings.method == "kd" else "dist", weight=settings.kd_weight,
-                                            temperature=settings.kd_temperature, beta=settings.dist_beta,
-                                            gamma=settings.dist_gamma)
-        elif settings.method == "mse":
-            heads[kind] = FeatureRegression(s_channels, t_channels, weight=settings.kd_weight)
-        else:
-            is_feature = kind == "feature"
-            use_ae = is_feature and settings.ae_channels > 0
-            heads[kind] = DiffKDHead(
-                s_channels, t_channels, kernel_size=3 if is_feature else 1, use_ae=use_ae,
-                ae_channels=settings.ae_channels if use_ae else None, inference_steps=settings.nfe,
-                timestep_start=settings.timestep_start, use_anm=settings.anm,
-                distance="mse" if is_feature else settings.logit_distance, temperature=settings.kd_temperature,
-                kd_weight=settings.kd_weight, diffusion_weight=settings.diffusion_weight,
-                ae_weight=settings.ae_weight, backend=settings.backend)
-    return heads
+class DetectionDistiller(Distiller):
+    """A torchvision detector (student, train mode) and heads on its FPN levels, beside a frozen detector.
+
+    ``forward(images, targets)`` takes what the detector takes — a list of 3×H×W images (or a B×3×H×W tensor) and
+    a list of target dicts with ``boxes`` and ``labels`` — and returns ``loss`` (``ce_weight`` × the sum of the
+    detector's losses + every head's loss), ``detection_loss`` (that sum), ``detection/<name>`` for each of the
+    detector's losses (``loss_classifier``, ``loss_box_reg``, ``loss_objectness``, ``loss_rpn_box_reg`` for
+    Faster R-CNN; ``classification``, ``bbox_regression`` (, ``bbox_ctrness``) for RetinaNet / FCOS) and
+    ``<head>/<term>`` per head.  The teacher runs only its transform and backbone, under no_grad, in eval mode.
+    """
+
+    task = "detection"
+    _binds_outputs = False
+
+    def _teacher_forward(self, images):
+        teacher = unwrap_model(self.teacher)
+        image_list, _ = teacher.transform(list(images))
+        teacher.backbone(image_list.tensors)  # the taps read the FPN levels
+
+    def _student_forward(self, images, targets):
+        if not self.training:
+            raise ValueError("DetectionDistiller.forward computes the training losses, which torchvision's detectors "
+                             "return only in train mode: call .train() first (evaluate the student with "
+                             "diffkd.models.evaluate_detection)")
+        losses = self.student(list(images), targets)
+        detection_loss = sum(losses.values())
+        out = {f"detection/{name}": value.detach() for name, value in losses.items()}
+        out["detection_loss"] = detection_loss.detach()
+        return None, out, self.ce_weight * detection_loss
 
 
+class SegmentationDistiller(Distiller):
+    """A segmentation model (student) and a head on its class-score map, beside a frozen segmentation model.
+
+    ``forward(images, targets)`` takes B×3×H×W images and B×H×W class ids (``ignore_index`` pixels count in no
+    loss) and returns ``loss`` (``ce_weight`` × the cross-entropy of the upsampled student output + the heads'
+    losses), ``ce_loss`` and ``<head>/<term>`` per head.
+    """
+
+    task = "segmentation"
+    _binds_outputs = False
+
+    def __init__(self, teacher: nn.Module | None, student: nn.Module, heads: Mapping[str, nn.Module] | None = None,
+                 *, bindings: Mapping[str, HeadBinding] | None = None, ce_weight: float = 1.0,
+                 ignore_index: int = IGNORE_INDEX):
+        super().__init__(teacher, student, heads, bindings=bindings, ce_weight=ce_weight)
+        self.ignore_index = ignore_index
+
+    def _student_forward(self, images, targets):
+        scores = score_map_output(self.student(images))
+        ce_loss = F.cross_entropy(scores.float(), targets, ignore_index=self.ignore_index)
+        return None, {"ce_loss": ce_loss.detach()}, self.ce_weight * ce_loss
+
+
+# ---- builders --------------------------------------------------------------------------------------------------
 def _tap_shapes(model: nn.Module, taps: tuple[str, str], input_size: tuple[int, int, int]) -> dict[str, tuple]:
     """Shapes (batch 1) of the model's feature map and logits, from one dry forward pass."""
     feature_tap, logits_tap = taps
@@ -263,10 +494,24 @@ def _tap_shapes(model: nn.Module, taps: tuple[str, str], input_size: tuple[int, 
     return {"feature": shapes[feature_tap], "logit": shapes[logits_tap]}
 
 
+def _describe_logit_method(settings: MethodSettings, classes: int) -> str:
+    if settings.method == "diffkd":
+        return f"logit head: {classes} classes"
+    distance = ("KL divergence" if settings.method == "kd"
+                else f"DIST (β = {settings.dist_beta:g}, γ = {settings.dist_gamma:g})")
+    return (f"{settings.method}: {distance} between the student's and the teacher's logits ({classes} classes, "
+            f"τ = {settings.kd_temperature:g})")
+
+
+def _require_teacher(settings: MethodSettings, teacher: nn.Module | None) -> None:
+    if teacher is None:
+        raise ValueError(f"method {settings.method!r} needs a teacher; pass --teacher (or use --method none)")
+
+
 def build_distiller(settings: MethodSettings, student: nn.Module, teacher: nn.Module | None = None, *,
                     student_taps: tuple[str, str] | None = None, teacher_taps: tuple[str, str] | None = None,
                     input_size: tuple[int, int, int], log: Callable[[str], None] = print) -> Distiller:
-    """A Distiller for ``settings``; channels and sizes come from one dry forward pass of each model.
+    """A classification Distiller for ``settings``; channels and sizes come from one dry forward pass of each model.
 
     ``*_taps`` are (feature module, logits module) names, e.g. from :func:`diffkd.models.default_taps`;
     ``input_size`` is C×H×W of one image.  ``log`` receives one line per start-up fact worth knowing (the
@@ -275,8 +520,7 @@ def build_distiller(settings: MethodSettings, student: nn.Module, teacher: nn.Mo
     kinds = settings.head_kinds
     if not kinds:
         return Distiller(None, student, ce_weight=settings.ce_weight)
-    if teacher is None:
-        raise ValueError(f"method {settings.method!r} needs a teacher; pass --teacher (or use --method none)")
+    _require_teacher(settings, teacher)
     if student_taps is None or teacher_taps is None:
         raise ValueError(f"method {settings.method!r} needs student_taps and teacher_taps "
                          "((feature module, logits module) names of each model)")
@@ -290,11 +534,100 @@ def build_distiller(settings: MethodSettings, student: nn.Module, teacher: nn.Mo
         if pooling:
             log(f"note: {pooling}")
     if "logit" in kinds:
-        log(f"logit head: {student_shapes['logit'][1]} classes")
+        log(_describe_logit_method(settings, student_shapes["logit"][1]))
     heads = build_heads(settings, {k: v[1:] for k, v in student_shapes.items()},
                         {k: v[1:] for k, v in teacher_shapes.items()})
     return Distiller(teacher, student, heads, teacher_feature=teacher_taps[0], student_feature=student_taps[0],
                      ce_weight=settings.ce_weight)
+
+
+def _check_method(settings: MethodSettings, task: str) -> None:
+    if settings.method not in TASK_METHODS[task]:
+        raise ValueError(f"method {settings.method!r} does not apply to {task}; choose one of "
+                         f"{', '.join(TASK_METHODS[task])}")
+
+
+def _check_head_weights(head_weights: Mapping[str, float] | None, names: list[str]) -> dict[str, float]:
+    head_weights = dict(head_weights or {})
+    unknown = sorted(set(head_weights) - set(names))
+    if unknown:
+        raise ValueError(f"head_weights names unknown heads {unknown}; the heads are {', '.join(names)}")
+    return head_weights
+
+
+def build_detection_distiller(settings: MethodSettings, student: nn.Module, teacher: nn.Module | None = None, *,
+                              image_size: int, share_head: bool = False,
+                              head_weights: Mapping[str, float] | None = None,
+                              log: Callable[[str], None] = print) -> DetectionDistiller:
+    """A DetectionDistiller for two detectors of :func:`diffkd.models.build_detector` (methods none, mse, diffkd).
+
+    Every student FPN level gets a head ``fpn.<key>`` (``fpn.0`` … ``fpn.pool``) distilling it from the teacher
+    level of the same stride, as measured by dry forward passes at ``image_size``; ``share_head=True`` uses one
+    head ``fpn`` for every level instead (the paper does not say which it used; each level's terms are still
+    logged under its own name).  ``head_weights`` scales named levels' losses (default 1).  ValueError when the
+    detectors preprocess differently or their levels do not match (strides or channels).
+    """
+    _check_method(settings, "detection")
+    if settings.method == "none":
+        return DetectionDistiller(None, student, ce_weight=settings.ce_weight)
+    _require_teacher(settings, teacher)
+    check_same_preprocessing(student, teacher)
+    pairs = match_fpn_levels(fpn_levels(student, image_size), fpn_levels(teacher, image_size))
+    names = [f"fpn.{student_level.key}" for student_level, _ in pairs]
+    weights = _check_head_weights(head_weights, names)
+    bindings = {name: HeadBinding(student_level.tap, teacher_level.tap, head="fpn" if share_head else None,
+                                  weight=weights.get(name, 1.0))
+                for name, (student_level, teacher_level) in zip(names, pairs)}
+    if share_head:
+        channel_counts = sorted({level.channels for pair in pairs for level in pair})
+        if len(channel_counts) > 1:
+            raise ValueError(f"one shared head needs the same channels on every FPN level, got {channel_counts}")
+        heads = {"fpn": _feature_map_head(settings, channel_counts[0], channel_counts[0])}
+    else:
+        heads = {name: _feature_map_head(settings, student_level.channels, teacher_level.channels)
+                 for name, (student_level, teacher_level) in zip(names, pairs)}
+    sharing = "one head shared by all levels" if share_head else "one head per level"
+    log(f"detection {settings.method} heads: {len(pairs)} FPN levels matched by stride, {sharing}")
+    for name, (student_level, teacher_level) in zip(names, pairs):
+        log(f"  {name}: student {student_level.describe()} -> teacher {teacher_level.describe()}")
+    return DetectionDistiller(teacher, student, heads, bindings=bindings, ce_weight=settings.ce_weight)
+
+
+SCORE_MAP_HEAD = "score_map"
+
+
+def build_segmentation_distiller(settings: MethodSettings, student: nn.Module, teacher: nn.Module | None = None, *,
+                                 input_size: tuple[int, int, int], ignore_index: int = IGNORE_INDEX,
+                                 log: Callable[[str], None] = print) -> SegmentationDistiller:
+    """A SegmentationDistiller for two models of :func:`diffkd.models.build_segmenter` (methods none, kd, dist,
+    diffkd): one head ``score_map`` on the class-score maps (the ``classifier`` outputs, before upsampling).
+
+    ``kd`` is pixel-wise KL, ``dist`` is DIST per pixel, ``diffkd`` a spatial DiffKD head whose distance is
+    ``settings.logit_distance`` (DIST by default for segmentation).  ``input_size`` is C×H×W of one training image
+    (for the dry forward passes that measure the maps).  When the maps differ in size the larger is average-pooled
+    to the smaller size, which ``log`` reports.  ValueError when the models predict different numbers of classes.
+    """
+    _check_method(settings, "segmentation")
+    if settings.method == "none":
+        return SegmentationDistiller(None, student, ce_weight=settings.ce_weight, ignore_index=ignore_index)
+    _require_teacher(settings, teacher)
+    student_shape, teacher_shape = score_map_shape(student, input_size), score_map_shape(teacher, input_size)
+    check_same_classes(student_shape[0], teacher_shape[0], student, teacher)
+    if settings.method == "diffkd":
+        head = _diffkd_head(settings, student_shape[0], teacher_shape[0], spatial=True,
+                            distance=settings.logit_distance, autoencoder=False)
+        what = f"DiffKD, {settings.logit_distance} distance"
+    else:
+        head = _logit_head(settings)
+        what = "pixel-wise KL divergence" if settings.method == "kd" else "DIST per pixel"
+    log(f"score-map head ({what}, τ = {settings.kd_temperature:g}): student {SCORE_MAP_TAP} "
+        f"{_format_shape(student_shape)} -> teacher {SCORE_MAP_TAP} {_format_shape(teacher_shape)}")
+    pooling = describe_spatial_match((1, *student_shape), (1, *teacher_shape))
+    if pooling:  # worded for feature maps and DiffKD heads
+        log(f"note: {pooling.replace('feature map', 'score map').replace('the DiffKD head', 'the score-map head')}")
+    return SegmentationDistiller(teacher, student, {SCORE_MAP_HEAD: head},
+                                 bindings={SCORE_MAP_HEAD: HeadBinding(SCORE_MAP_TAP, SCORE_MAP_TAP)},
+                                 ce_weight=settings.ce_weight, ignore_index=ignore_index)
 
 
 def _format_shape(shape: tuple[int, ...]) -> str:

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffkd.distill import (Distiller, FeatureRegression, LogitDistillation, MethodSettings, build_distiller,
-                            method_settings)
+from diffkd.distill import (Distiller, FeatureRegression, HeadBinding, LogitDistillation, MethodSettings,
+                            build_distiller, method_settings)
 from diffkd.losses import kl_div_loss
 from diffkd.models import create_model, default_taps
 from diffkd.modules import DiffKDHead
@@ -204,3 +204,68 @@ def test_classification_losses_are_those_of_the_distiller_before_named_heads(met
     assert len(keys) == golden["keys"]
     assert all(key.startswith(("student.", "heads.feature.", "heads.logit.")) for key in keys)
     assert list(distiller.heads) == list(method_settings(method, "fashion-mnist").head_kinds)
+
+
+@pytest.mark.parametrize("method, line", [
+    ("kd", "kd: KL divergence between the student's and the teacher's logits (10 classes, τ = 4)"),
+    ("dist", "dist: DIST (β = 1, γ = 1) between the student's and the teacher's logits (10 classes, τ = 4)"),
+    ("diffkd", "logit head: 10 classes")])
+def test_start_up_lines_say_what_the_logits_get(method, line):
+    lines = []
+    _distiller(method, log=lines.append)
+    assert lines[-1] == line
+
+
+def test_any_named_heads_on_any_taps_with_their_own_weights():
+    teacher, student = _pair()
+    heads = {"stage2": FeatureRegression(32, 32), "stage3": FeatureRegression(64, 64), "soft": LogitDistillation()}
+    bindings = {"stage2": HeadBinding("layer2", "layer2", weight=0.5), "stage3": HeadBinding("layer3", "layer3"),
+                "soft": HeadBinding(None, None, weight=2.0)}
+    distiller = Distiller(teacher, student, heads, bindings=bindings, ce_weight=0.25).train()
+    images, targets = _batch()
+    out = distiller(images, targets)
+    assert set(out) == {"loss", "logits", "ce_loss", "stage2/kd_loss", "stage3/kd_loss", "soft/kd_loss"}
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    torch.testing.assert_close(out["soft/kd_loss"], kl_div_loss(out["logits"], teacher_logits).detach())
+    expected = 0.25 * out["ce_loss"] + 0.5 * out["stage2/kd_loss"] + out["stage3/kd_loss"] + 2.0 * out["soft/kd_loss"]
+    torch.testing.assert_close(out["loss"].detach(), expected)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in distiller.heads.parameters())
+
+
+def test_one_head_shared_by_several_bindings_is_one_module():
+    teacher, student = _pair()
+    bindings = {"a.2": HeadBinding("layer3", "layer3", head="shared"), "a.3": HeadBinding("layer3", "layer3",
+                                                                                          head="shared")}
+    distiller = Distiller(teacher, student, {"shared": FeatureRegression(64, 64)}, bindings=bindings).train()
+    out = distiller(*_batch())
+    torch.testing.assert_close(out["a.2/kd_loss"], out["a.3/kd_loss"])
+    assert distiller.extra_parameter_count() == sum(p.numel() for p in FeatureRegression(64, 64).parameters())
+
+
+def test_dotted_head_names_nest_in_the_module_dict():
+    teacher, student = _pair()
+    heads = {"fpn.0": FeatureRegression(32, 32), "fpn.1": FeatureRegression(64, 64)}
+    bindings = {"fpn.0": HeadBinding("layer2", "layer2"), "fpn.1": HeadBinding("layer3", "layer3")}
+    distiller = Distiller(teacher, student, heads, bindings=bindings)
+    assert isinstance(distiller.heads["fpn"], torch.nn.ModuleDict)
+    assert {key for key in distiller.state_dict() if key.startswith("heads.")} == {
+        f"heads.fpn.{level}.proj.{part}" for level in (0, 1)
+        for part in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                     "1.num_batches_tracked")}
+
+
+@pytest.mark.parametrize("heads, bindings, message", [
+    ({"x": LogitDistillation()}, {"y": HeadBinding(None, None, head="z")}, "uses head 'z'"),
+    ({"x": LogitDistillation(), "y": LogitDistillation()}, {"x": HeadBinding(None, None)}, "unknown head names"),
+    ({"x/y": LogitDistillation()}, {"x/y": HeadBinding(None, None)}, "without '/'"),
+    ({"fpn": LogitDistillation(), "fpn.0": LogitDistillation()},
+     {"fpn": HeadBinding(None, None), "fpn.0": HeadBinding(None, None)}, "nests under another head"),
+])
+def test_bindings_that_do_not_fit_the_heads_are_refused(heads, bindings, message):
+    teacher, student = _pair()
+    with pytest.raises(ValueError, match=message):
+        Distiller(teacher, student, heads, bindings=bindings)
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        HeadBinding(None, None, weight=-1.0)
