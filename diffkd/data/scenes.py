@@ -10,7 +10,7 @@ Items are drawn one after another, each on top of the ones before it, and placed
 - every item keeps at least `min_visible` (half) of its mask pixels visible once all items are drawn.
 
 An item that finds no such place in `placement_attempts` tries is left out, so a scene may hold fewer items than
-drawn (never fewer than one: the first always fits).
+drawn (but at least one: the first item always fits).
 
 Targets follow what is visible: where items overlap the top one wins, in the instance masks and in the semantic
 map alike, and each box is the tight box of its item's visible pixels. Labels are 1..10 (Fashion-MNIST's class +
@@ -137,7 +137,8 @@ def scale_items(items: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A float32 size×size background: gradient + smooth blotches + pixel noise, levels around 15..110."""
+    """A float32 size×size background: a mean level of 25..95 (of 255), a gradient of up to ±20 across the canvas,
+    smooth blotches and pixel noise."""
     level, slope, angle = rng.uniform(25, 95), rng.uniform(-40, 40), rng.uniform(0, 2 * np.pi)
     coordinates = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
     gradient = slope * (np.cos(angle) * coordinates[None, :] + np.sin(angle) * coordinates[:, None])
