@@ -103,7 +103,8 @@ class MethodSettings:
 
 
 # Loss weights per method and recipe column.  Tags: [paper] the DiffKD paper, [benchmark] the common CIFAR
-# benchmark's convention, [DIST] / [CIRKD] those papers' segmentation code, [ours] our choice where none says.
+# benchmark's convention, [DIST] the segmentation code of DIST (Huang et al., NeurIPS 2022), [CIRKD] the
+# pixel-wise KD baseline of CIRKD (Yang et al., CVPR 2022), [ours] our choice where none says.
 # The CIFAR-100 column also serves Fashion-MNIST (small images, small models).
 _RECIPE_COLUMN = {"cifar100": "cifar", "fashion-mnist": "cifar", "imagenet": "imagenet"}
 # Datasets with dense targets, and the tasks they serve (the column is the task).
