@@ -76,6 +76,8 @@ def render_markdown(results: dict) -> str:
     meta = results.get("meta", {})
     header = ["# Benchmark results", ""]
     header += [f"- {key}: {value}" for key, value in meta.items()]
+    if results.get("summary"):
+        header += ["", "## summary", ""] + [f"- {line}" for line in results["summary"]]
     body = [render_section(name, section) for name, section in results.get("sections", {}).items()]
     return "\n".join(header) + "\n\n" + "\n".join(body)
 

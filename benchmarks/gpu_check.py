@@ -1,18 +1,25 @@
-"""The one-call GPU check: kernel parity first, then a reduced benchmark matrix, inside an internal deadline.
+"""The one-call GPU check: what only a GPU can verify first, inside an internal deadline (default 5 minutes).
 
-Sections, in order (each one's results are written to the JSON as soon as they exist, so a run that is cut off
-still reports; a failing section is recorded and the next one runs):
+    python benchmarks/gpu_check.py --out benchmarks/results            # on the GPU machine, ≤ 5 minutes
+    python benchmarks/gpu_check.py --out /tmp/check --dry-run          # CPU: tiny shapes, the same plumbing
+
+Sections, in order of value (each one's results are written to the JSON as soon as they exist, so a run that is
+cut off still reports; a failing section is recorded and the next one runs; each section gets a share of the time
+left, in proportion to SECTION_BUDGETS_S, and the deadline cuts what does not fit):
+  train_step   a whole training step (teacher forward, student forward+backward, both DiffKD heads, SGD step) in
+               images/s at ResNet-34 → ResNet-18 (224², batch 64) and ResNet32x4 → ResNet8x4 (CIFAR, batch 64):
+               none, kd, DiffKD with the paper's code, eager torch, eager Triton, CUDAGraphHead (graphed), and
+               torch.compile(mode="reduce-overhead") if time allows.  First, per pair, CUDAGraphHead against an eager
+               twin with the same kernels over 3 SGD steps (same random state per step) and its own self-check;
+               then the targets: graphed step / KD step ≤ 1.5, paper's code / graphed ≥ 1.3, compile / graphed ≥ 1.2
   parity       benchmarks.parity.run_parity: the kernels against the reference at real shapes, CUDA-graph replay
-  step_kernel  the fused DDIM step alone: size sweep to 1 GB per tensor as GB/s and fraction of copy bandwidth,
-               µs per step at real shapes
+  head         the whole head, forward+backward: naive (paper's code) vs ours, at the three head shapes
   chain        the 5-step chain with Φ, forward+backward, B 32, C 1024, 7×7, fp32 and bf16: diffusers (when
                installed), eager, torch.compile (this shape only, default mode), triton, triton + CUDA graph
-  head         the whole head, forward+backward: naive (paper's code) vs ours, at the three head shapes
-  train_step   ResNet-34 → ResNet-18 training step at batch 32 (student, KD, DiffKD), if time allows
-Output: <out>/<card>-<date>.json and .md (e.g. benchmarks/results/nvidia-h100-80gb-hbm3-2025-01-01.json).
-
-    python benchmarks/gpu_check.py --out benchmarks/results            # on the GPU machine, ~5 minutes
-    python benchmarks/gpu_check.py --out /tmp/check --dry-run          # CPU: tiny shapes, seconds
+  step_kernel  the fused DDIM step alone: size sweep to 1 GB per tensor as GB/s and fraction of copy bandwidth,
+               µs per step at real shapes
+Output: <out>/<card>-<date>.json and .md (e.g. benchmarks/results/nvidia-h200-2026-11-30.json); the last lines
+printed are a summary of the verdicts (equality, self-check, targets, parity).
 """
 from __future__ import annotations
 
@@ -34,14 +41,14 @@ from benchmarks._report import Results, default_results_name, make_table, print_
 from benchmarks._timing import (TimingPlan, card_slug, configure_cpu, configure_gpu_math, environment,  # noqa: E402
                                 time_left)
 
-# Seconds each section may use at the default 300 s deadline with every section; the sections run share the
-# deadline in proportion to these.  A section's share counts from the moment it starts, so time one leaves over
-# goes to the next ones.
-SECTION_BUDGETS_S = {"parity": 90, "step_kernel": 25, "chain": 85, "head": 55, "train_step": 45}
+# Seconds each section may use at the default 300 s deadline; a section starting with T seconds left gets
+# T · budget / (sum of the budgets of it and the sections after it), so time one leaves over goes to the next ones.
+SECTION_BUDGETS_S = {"train_step": 150, "parity": 60, "head": 40, "chain": 35, "step_kernel": 15}
 SECTIONS = tuple(SECTION_BUDGETS_S)
 DEFAULT_DEADLINE_S = 300
 COMPILE_RESERVE_S = 45  # torch.compile of the chain's forward+backward can take this long on a fresh machine
-TRAIN_STEP_MIN_S = 25   # building ResNet-34/18 and timing three methods needs about this much
+STEP_COMPILE_RESERVE_S = 60  # torch.compile(mode="reduce-overhead") of a pair's two heads, forward+backward
+TRAIN_STEP_MIN_S = 25   # building ResNet-34/18 and timing the methods needs at least about this much
 FLUSH_INTERVAL_S = 5
 
 GPU_MATRIX = {
@@ -52,10 +59,12 @@ GPU_MATRIX = {
     "chain_dtypes": ("fp32", "bf16"),
     "chain_providers": ("diffusers", "eager", "compile", "triton", "triton-graph"),
     "head_shapes": ("cifar-feature", "cifar-logit", "imagenet-feature"),
-    "step_pairs": ("imagenet",),
-    "step_batch": 32,
+    "step_pairs": ("imagenet", "cifar"),
+    "step_batch": None,  # each pair's GPU batch: 64
+    "step_methods": None,  # every method
     "plan": TimingPlan(warmup=2, repeats=3, gpu_rep_ms=100),
-    "step_plan": TimingPlan(warmup=1, repeats=3, gpu_rep_ms=300),
+    "step_plan": TimingPlan(warmup=1, repeats=3, gpu_rep_ms=200),
+    "step_compile_reserve_s": STEP_COMPILE_RESERVE_S,
 }
 DRY_RUN_MATRIX = {
     "sweep_mb": (1,),
@@ -67,8 +76,11 @@ DRY_RUN_MATRIX = {
     "head_shapes": ("tiny-feature", "tiny-logit", "tiny-ae"),
     "step_pairs": ("tiny",),
     "step_batch": 4,
+    # Triton's interpreter takes ~10 s per training step with two heads; the head section runs its kernels.
+    "step_methods": ("none", "kd", "diffkd-paper", "diffkd-torch", "diffkd-graphed"),
     "plan": TimingPlan(warmup=0, repeats=1),
     "step_plan": TimingPlan(warmup=0, repeats=1),
+    "step_compile_reserve_s": 0,
 }
 
 
@@ -130,7 +142,7 @@ def parity_table(report: dict) -> dict:
 
 
 def run_section(name: str, results: Results, device, matrix: dict, deadline: float) -> None:
-    from benchmarks import bench_ddim, bench_head, bench_step  # after parity: their imports take a while
+    from benchmarks import bench_ddim, bench_head, bench_step  # after the header: their imports take a while
 
     if name == "parity":
         run_parity_section(results, deadline)
@@ -147,8 +159,46 @@ def run_section(name: str, results: Results, device, matrix: dict, deadline: flo
         bench_head.run_head_benchmark(results, device, shapes=matrix["head_shapes"], plan=matrix["plan"],
                                       deadline=deadline)
     elif name == "train_step":
-        bench_step.run_step_benchmark(results, device, pairs=matrix["step_pairs"], batch=matrix["step_batch"],
-                                      plan=matrix["step_plan"], deadline=deadline)
+        section = bench_step.run_step_benchmark(results, device, pairs=matrix["step_pairs"],
+                                                methods=matrix["step_methods"], batch=matrix["step_batch"],
+                                                plan=matrix["step_plan"], check_equality=True, deadline=deadline,
+                                                compile_reserve_s=matrix["step_compile_reserve_s"])
+        left_out = set(bench_step.default_methods(device)) - set(matrix["step_methods"] or bench_step.METHODS)
+        for method in sorted(left_out):
+            Results.skip(section, method, "left out of the dry run (Triton's interpreter takes ~10 s per step; the "
+                                          "head section runs the kernels)")
+
+
+def summary_lines(sections: dict) -> list[str]:
+    """The verdicts a reader looks for first, one line each."""
+    lines = []
+    train = sections.get("train_step", {})
+    for pair, report in train.get("graph_equality", {}).items():
+        heads = report["heads"]
+        lines.append(f"train_step {pair}: CUDAGraphHead vs eager twin over {report['steps']} steps "
+                     f"{'PASSED' if report['passed'] else 'FAILED'} (worst relative error "
+                     f"{max(h['worst'] for h in heads.values()):.2g}); "
+                     + "; ".join(f"{kind} head {h['path']}" + (f" (fell back: {h['fallback_reason']})"
+                                                               if h["fallback_reason"] else "")
+                                 for kind, h in heads.items()))
+    for pair, heads in train.get("graphed_heads", {}).items():
+        checks = [passed for head in heads.values() for passed in head["self_checks_passed"]]
+        lines.append(f"train_step {pair}: timed CUDAGraphHead heads ran "
+                     f"{', '.join(sorted({h['path'] for h in heads.values()}))}; self-check "
+                     + ("passed" if checks and all(checks) else "FAILED" if checks else "did not run"))
+    for pair, targets in train.get("targets", {}).items():
+        lines.append(f"train_step {pair}: " + "; ".join(
+            f"{t['ratio']} {t['value']:.2f} (target {t['target']}: {'met' if t['met'] else 'NOT met'})"
+            for t in targets))
+    parity = sections.get("parity", {}).get("report", {})
+    if "passed" in parity:
+        lines.append(f"parity: {'PASSED' if parity['passed'] else 'FAILED'}")
+    for name, section in sections.items():
+        if section.get("errors"):
+            lines.append(f"{name}: {len(section['errors'])} error(s), first: {section['errors'][0]['what']}")
+        if section.get("status") == "skipped":
+            lines.append(f"{name}: skipped ({section['skipped'][0]['why']})")
+    return lines
 
 
 def main(argv=None, started_at: float | None = None) -> int:
@@ -185,16 +235,21 @@ def main(argv=None, started_at: float | None = None) -> int:
     results = Results(path, meta)
     results.data["sections"] = {}  # a rerun on the same day replaces the file's sections
     results.flush()
-    # The chosen sections share the deadline in proportion to their budgets.
+    print(f"GPU check on {meta['device_name']}{' (dry run: tiny shapes)' if args.dry_run else ''}: sections "
+          f"{', '.join(sections)} within {args.deadline:.0f} s; results go to {path} (+ .md) as they come",
+          flush=True)
     scale = args.deadline / sum(SECTION_BUDGETS_S[name] for name in sections)
-    for name in sections:
+    for index, name in enumerate(sections):
         remaining = time_left(deadline)
         if remaining <= 0 or (name == "train_step" and remaining < TRAIN_STEP_MIN_S * scale):
             Results.skip(results.section(name), name, f"not enough time left ({remaining:.0f} s)")
             results.data["sections"][name]["status"] = "skipped"
             results.flush()
             continue
-        section_deadline = min(deadline, time.monotonic() + SECTION_BUDGETS_S[name] * scale)
+        # This section's share of the time left: what earlier sections leave over goes to the later ones.
+        share = remaining * SECTION_BUDGETS_S[name] / sum(SECTION_BUDGETS_S[n] for n in sections[index:])
+        section_deadline = min(deadline, time.monotonic() + share)
+        print(f"--- {name}: up to {share:.0f} s", flush=True)
         began = time.monotonic()
         try:
             run_section(name, results, device, matrix, section_deadline)
@@ -207,8 +262,11 @@ def main(argv=None, started_at: float | None = None) -> int:
         results.flush()
         print_section(name, section)
     results.data["meta"]["total_seconds"] = round(time.monotonic() - start, 1)
+    results.data["summary"] = summary_lines(results.data["sections"])
     results.flush()
-    print(f"results: {path} and {path.with_suffix('.md')}", flush=True)
+    print("=== summary", *results.data["summary"], sep="\n", flush=True)
+    print(f"results: {path} and {path.with_suffix('.md')} ({results.data['meta']['total_seconds']:.0f} s)",
+          flush=True)
     return 0
 
 

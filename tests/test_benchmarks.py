@@ -74,14 +74,15 @@ def test_fallback_scheduler_says_so():
 
 
 # ---- gpu_check.py: the CPU dry run ------------------------------------------------------------------------------
-def test_gpu_check_dry_run_writes_every_section(tmp_path):
+def test_gpu_check_dry_run_writes_every_section(tmp_path, capsys):
     # The parity section is the kernels' own (and tested with them); its guard is tested below.
-    assert gpu_check.main(["--out", str(tmp_path), "--dry-run",
-                           "--sections", "step_kernel,chain,head,train_step"]) == 0
+    sections_run = [s for s in gpu_check.SECTIONS if s != "parity"]
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--sections", ",".join(sections_run)]) == 0
     path = tmp_path / f"cpu-dryrun-{TODAY}.json"
-    sections = _sections(path)
+    data = json.loads(path.read_text())
+    sections = data["sections"]
     markdown = path.with_suffix(".md").read_text()
-    assert list(sections) == ["step_kernel", "chain", "head", "train_step"]
+    assert list(sections) == sections_run
     for name, section in sections.items():
         assert section["status"] == "done", name
         assert section["errors"] == [], (name, section["errors"])
@@ -93,10 +94,57 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     head_checks = {r["provider"]: r["check"] for r in sections["head"]["records"] if "check" in r}
     assert {"naive", "ours-triton"} <= set(head_checks)
     assert all(worst_error(check) < 1e-4 for check in head_checks.values())
-    steps = {r["method"]: r for r in sections["train_step"]["records"]}
-    assert steps["diffkd"]["flops_vs_kd"] > 1 > steps["student"]["flops_vs_kd"]
     skipped = " ".join(entry["what"] for entry in sections["chain"]["skipped"])
     assert "triton-graph" in skipped  # no CUDA graphs on a CPU, and the script says so
+
+    train = sections["train_step"]
+    steps = {r["method"]: r for r in train["records"]}
+    assert set(steps) == set(gpu_check.DRY_RUN_MATRIX["step_methods"])
+    assert steps["diffkd-torch"]["flops_vs_kd"] > 1 > steps["none"]["flops_vs_kd"]
+    assert steps["diffkd-graphed"]["head_path"] == "eager torch"  # no CUDA graphs on a CPU: the heads run eagerly
+    equality = train["graph_equality"]["tiny"]
+    assert equality["passed"] and set(equality["heads"]) == {"feature", "logit"}
+    assert all(h["num_batches_tracked"] == bench_step.EQUALITY_STEPS for h in equality["heads"].values())
+    assert {e["what"] for e in train["skipped"]} >= {"diffkd-compile", "diffkd-triton"}
+    assert "targets" not in train and any("not evaluated" in note for note in train["notes"])
+    assert data["summary"][0].startswith("train_step tiny: CUDAGraphHead vs eager twin over 3 steps PASSED")
+    out = capsys.readouterr().out
+    assert out.index("--- train_step") < out.index("--- head") and "=== summary" in out
+
+
+def test_gpu_check_runs_the_graphed_training_step_first_then_parity():
+    assert gpu_check.SECTIONS[:2] == ("train_step", "parity")
+    assert gpu_check.GPU_MATRIX["step_pairs"] == ("imagenet", "cifar") and gpu_check.GPU_MATRIX["step_methods"] is None
+    assert bench_step.PAIRS["imagenet"].gpu_batch == bench_step.PAIRS["cifar"].gpu_batch == 64
+    assert sum(gpu_check.SECTION_BUDGETS_S.values()) == gpu_check.DEFAULT_DEADLINE_S
+
+
+def test_targets_of_the_graphed_step_come_from_one_runs_timings():
+    rows = {r["ratio"]: r for r in bench_step.target_rows(
+        {"kd": 10.0, "diffkd-graphed": 14.0, "diffkd-paper": 17.5, "diffkd-compile": 17.5})}
+    assert rows["graphed DiffKD step / KD step"]["value"] == pytest.approx(1.4)
+    assert rows["graphed DiffKD step / KD step"]["met"]
+    assert rows["paper's code / graphed (speed-up)"]["value"] == pytest.approx(1.25)
+    assert not rows["paper's code / graphed (speed-up)"]["met"]
+    assert rows["reduce-overhead compile / graphed (speed-up)"]["met"]
+    assert [r["ratio"] for r in bench_step.target_rows({"kd": 1.0, "diffkd-graphed": 2.0})] == [
+        "graphed DiffKD step / KD step"]
+
+
+def test_gpu_check_summary_names_the_verdicts():
+    sections = {
+        "train_step": {"graph_equality": {"imagenet": {"steps": 3, "passed": False, "heads": {
+            "feature": {"worst": 0.5, "path": "eager torch", "fallback_reason": "capturing raised X"}}}},
+            "graphed_heads": {"imagenet": {"feature": {"path": "graphed Triton", "self_checks_passed": [True]}}},
+            "targets": {"imagenet": bench_step.target_rows({"kd": 10.0, "diffkd-graphed": 16.0})}},
+        "parity": {"report": {"passed": True}, "status": "done"},
+        "chain": {"status": "skipped", "skipped": [{"what": "chain", "why": "not enough time left (0 s)"}]},
+    }
+    lines = gpu_check.summary_lines(sections)
+    assert "FAILED (worst relative error 0.5); feature head eager torch (fell back: capturing raised X)" in lines[0]
+    assert lines[1] == "train_step imagenet: timed CUDAGraphHead heads ran graphed Triton; self-check passed"
+    assert "graphed DiffKD step / KD step 1.60 (target ≤ 1.5: NOT met)" in lines[2]
+    assert lines[3:] == ["parity: PASSED", "chain: skipped (not enough time left (0 s))"]
 
 
 def _fake_parity(run_parity):
@@ -157,8 +205,8 @@ def test_bench_ddim_and_bench_step_share_one_results_file(tmp_path):
     path = tmp_path / "cpu.json"
     assert bench_ddim.main(["--quick", "--providers", "diffusers,eager", "--repeats", "1", "--threads", "1",
                             "--sweep-mb", "1", "--json", str(path)]) == 0
-    assert bench_step.main(["--pairs", "tiny", "--repeats", "1", "--threads", "1", "--no-flops",
-                            "--json", str(path)]) == 0
+    assert bench_step.main(["--pairs", "tiny", "--methods", "none,kd,diffkd-torch", "--repeats", "1", "--threads",
+                            "1", "--no-flops", "--json", str(path)]) == 0
     sections = _sections(path)
     assert set(sections) == {"chain", "step_kernel", "train_step"}
     chain = sections["chain"]["records"]
@@ -167,7 +215,7 @@ def test_bench_ddim_and_bench_step_share_one_results_file(tmp_path):
     assert {(r["shape"], r["mode"], r["provider"]) for r in chain} == expected
     assert all(r["median_ms"] > 0 and r["speedup_vs_eager"] > 0 for r in chain)
     assert sections["step_kernel"]["copy_bandwidth_gbs"] > 0
-    assert {r["method"] for r in sections["train_step"]["records"]} == set(bench_step.METHODS)
+    assert {r["method"] for r in sections["train_step"]["records"]} == {"none", "kd", "diffkd-torch"}
     assert "## train_step" in path.with_suffix(".md").read_text()
 
 
@@ -182,10 +230,14 @@ def test_bench_ddim_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_bench_step_rejects_a_batch_of_one(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "1"], "--batch must be >= 2"),
+    (["--methods", "kd,diffkd-fast"], "--methods: unknown diffkd-fast"),
+])
+def test_bench_step_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
-        bench_step.main(["--pairs", "tiny", "--batch", "1"])
-    assert "--batch must be >= 2" in capsys.readouterr().err
+        bench_step.main(["--pairs", "tiny"] + argv)
+    assert message in capsys.readouterr().err
 
 
 # ---- the shared timing and results helpers ----------------------------------------------------------------------
