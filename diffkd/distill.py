@@ -24,9 +24,10 @@ The contract every Distiller keeps with a training loop:
   name>``) and ``<head>/<term>`` for every head (``kd_loss``, ``diffusion_loss``, ``ae_loss``, ``gamma``, …;
   per-sample terms as batch means).  Classification adds ``logits`` (the student's, not detached).  Nothing in
   it synchronises with the host (a detector's own loss code may).
-- ``.student``, ``.heads`` (an ``nn.ModuleDict``; dotted head names nest: ``heads.fpn.0``), ``.teacher`` (not a
-  submodule; kept in eval mode), ``.bindings``, ``trainable_parameters()`` (for the optimizer) and
-  ``extra_parameter_count()`` (the heads: training-time only).
+- ``.student``, ``.heads`` (an ``nn.ModuleDict``; dotted head names nest: ``heads.fpn.0``, so walk
+  ``head_modules()`` rather than ``heads.items()``), ``.teacher`` (not a submodule; kept in eval mode),
+  ``.bindings``, ``trainable_parameters()`` (for the optimizer) and ``extra_parameter_count()`` (the heads:
+  training-time only).
 - Loss weights come from :func:`method_settings` (``task=`` picks the detection or segmentation defaults).
 - The student is evaluated apart from the Distiller: classification by its logits, detection with
   :func:`diffkd.models.evaluate_detection` (raw per-image detections for :class:`diffkd.metrics.DetectionEvaluator`),
@@ -391,6 +392,12 @@ class Distiller(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's and every head's parameters: what the optimizer must see."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        """Every head module by its name in :attr:`heads` (dotted where names nest: ``fpn.0``), each once even when
+        bindings share it; ``heads.set_submodule(name, module)`` replaces one (e.g. by a CUDA-graphed wrapper)."""
+        names = dict.fromkeys(binding.head or name for name, binding in self.bindings.items())
+        return {name: self.heads.get_submodule(name) for name in names}
 
     def extra_parameter_count(self) -> int:
         """Parameters that exist only for training (the heads); the deployed student does not carry them."""

@@ -241,6 +241,7 @@ def test_one_head_shared_by_several_bindings_is_one_module():
     distiller = Distiller(teacher, student, {"shared": FeatureRegression(64, 64)}, bindings=bindings).train()
     out = distiller(*_batch())
     torch.testing.assert_close(out["a.2/kd_loss"], out["a.3/kd_loss"])
+    assert list(distiller.head_modules()) == ["shared"]
     assert distiller.extra_parameter_count() == sum(p.numel() for p in FeatureRegression(64, 64).parameters())
 
 
@@ -248,8 +249,13 @@ def test_dotted_head_names_nest_in_the_module_dict():
     teacher, student = _pair()
     heads = {"fpn.0": FeatureRegression(32, 32), "fpn.1": FeatureRegression(64, 64)}
     bindings = {"fpn.0": HeadBinding("layer2", "layer2"), "fpn.1": HeadBinding("layer3", "layer3")}
-    distiller = Distiller(teacher, student, heads, bindings=bindings)
+    distiller = Distiller(teacher, student, heads, bindings=bindings).train()
     assert isinstance(distiller.heads["fpn"], torch.nn.ModuleDict)
+    assert distiller.head_modules() == heads
+    replacement = FeatureRegression(64, 64)
+    distiller.heads.set_submodule("fpn.1", replacement)
+    assert distiller.head_modules()["fpn.1"] is replacement
+    assert torch.isfinite(distiller(*_batch())["fpn.1/kd_loss"])
     assert {key for key in distiller.state_dict() if key.startswith("heads.")} == {
         f"heads.fpn.{level}.proj.{part}" for level in (0, 1)
         for part in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
