@@ -32,10 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
-from diffkd.distill import SETTING_NAMES, Distiller, build_distiller, method_settings
+from diffkd.distill import SETTING_NAMES, build_heads, method_settings
 from diffkd.losses import DISTANCES, mse_loss
-from diffkd.models import FeatureTaps, create_model, default_taps, match_spatial
+from diffkd.models import FeatureTaps, create_model, default_taps, match_spatial, probe_taps
 from diffkd.modules import DiffKDHead
 
 DEFAULT_NFES = (1, 2, 3, 5, 10, 20)
@@ -140,42 +141,53 @@ def _clean_estimate(head: DiffKDHead, x: torch.Tensor, t: int) -> torch.Tensor:
     return (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
 
 
-def _head_inputs(distiller: Distiller, student_taps: FeatureTaps | None, teacher_taps: FeatureTaps | None,
+def _head_inputs(student: nn.Module, teacher: nn.Module, taps: Mapping[str, FeatureTaps],
                  images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    teacher_logits = distiller.teacher(images)
-    student_logits = distiller.student(images)
-    inputs = {"logit": (student_logits, teacher_logits)}
-    if student_taps is not None:
-        inputs["feature"] = match_spatial(student_taps.feature, teacher_taps.feature)
-        student_taps.clear()
-        teacher_taps.clear()
+    """What each head distils for one batch: the logits, and the feature maps (the larger pooled to the other)."""
+    inputs = {"logit": (student(images), teacher(images))}
+    if taps:
+        inputs["feature"] = match_spatial(taps["student"].feature, taps["teacher"].feature)
+        for tap in taps.values():
+            tap.clear()
     return inputs
 
 
-def diffkd_heads(distiller: Distiller) -> dict[str, DiffKDHead]:
-    heads = {name: head for name, head in distiller.heads.items() if isinstance(head, DiffKDHead)}
-    if not heads:
+def diffkd_heads(heads: Mapping[str, nn.Module]) -> dict[str, DiffKDHead]:
+    """The DiffKD heads among ``heads`` (a feature and/or a logit head)."""
+    found = {name: head for name, head in heads.items() if isinstance(head, DiffKDHead)}
+    if not found:
         raise ValueError("the model has no DiffKD head: the NFE diagnosis needs a run trained with --method diffkd")
-    return heads
+    unknown = sorted(set(found) - {"feature", "logit"})
+    if unknown:
+        raise ValueError(f"the NFE diagnosis knows the feature and logit heads of a classifier; got heads {unknown}")
+    return found
 
 
 @torch.no_grad()
-def diagnose_distiller(distiller: Distiller, batches: Iterable, *, nfes: Sequence[int] = DEFAULT_NFES,
-                       seed: int = 0, device: torch.device | str = "cpu") -> dict[str, HeadDiagnosis]:
-    """The NFE sweep and the trained chain's trajectory of every DiffKD head, over ``batches`` of (images, _)."""
-    heads = diffkd_heads(distiller)
+def diagnose_heads(student: nn.Module, teacher: nn.Module, heads: Mapping[str, nn.Module], batches: Iterable, *,
+                   feature_taps: tuple[str, str] | None = None, nfes: Sequence[int] = DEFAULT_NFES, seed: int = 0,
+                   device: torch.device | str = "cpu") -> dict[str, HeadDiagnosis]:
+    """The NFE sweep and the trained chain's trajectory of every DiffKD head, over ``batches`` of (images, _).
+
+    ``heads`` maps "feature" and/or "logit" to trained heads; the feature head distils the outputs of the modules
+    ``feature_taps`` = (student module, teacher module), the logit head the logits.  Models and heads run in eval
+    mode (they are left there).
+    """
+    heads = diffkd_heads(heads)
     if not nfes or any(not isinstance(n, int) or n < 1 for n in nfes):
         raise ValueError(f"nfes must be positive integers (numbers of denoising steps), got {list(nfes)}")
-    distiller.eval()
-    uses_features = "feature" in heads
-    student_taps = FeatureTaps(distiller.student, distiller.student_feature) if uses_features else None
-    teacher_taps = FeatureTaps(distiller.teacher, distiller.teacher_feature) if uses_features else None
+    if "feature" in heads and not feature_taps:
+        raise ValueError("a feature head needs feature_taps=(student module, teacher module) naming the feature maps")
+    for module in (student, teacher, *heads.values()):
+        module.eval()
+    taps = ({"student": FeatureTaps(student, feature_taps[0]), "teacher": FeatureTaps(teacher, feature_taps[1])}
+            if "feature" in heads else {})
     sweeps = {name: sorted(set(nfes) | {head.inference_steps}) for name, head in heads.items()}
     totals = {name: _Accumulator() for name in heads}
     gammas: dict[str, list[torch.Tensor]] = {name: [] for name in heads}
     try:
         for batch_index, (images, *_) in enumerate(batches):
-            inputs = _head_inputs(distiller, student_taps, teacher_taps, images.to(device))
+            inputs = _head_inputs(student, teacher, taps, images.to(device))
             for name, head in heads.items():
                 total = totals[name]
                 z_s, z_t, gamma, x_start = chain_start(
@@ -190,9 +202,8 @@ def diagnose_distiller(distiller: Distiller, batches: Iterable, *, nfes: Sequenc
                     if nfe == head.inference_steps:
                         _add_trajectory(total, head, x_start, trajectory, z_t)
     finally:
-        for taps in (student_taps, teacher_taps):
-            if taps is not None:
-                taps.remove()
+        for tap in taps.values():
+            tap.remove()
     if not any(total.images for total in totals.values()):
         raise ValueError("no test images to diagnose on: the loader gave no batch")
     return {name: _summarise(name, head, totals[name], torch.cat(gammas[name]), sweeps[name])
@@ -233,7 +244,16 @@ def _summarise(name: str, head: DiffKDHead, total: _Accumulator, gamma: torch.Te
 # ---------------------------------------------------------------------------------------------------------------
 # From a training checkpoint
 # ---------------------------------------------------------------------------------------------------------------
-def rebuild_distiller(run_args: Mapping, student_state: Mapping, heads_state: Mapping, info: Mapping) -> Distiller:
+@dataclass
+class TrainedRun:
+    """A DiffKD run rebuilt from its checkpoint: the frozen teacher, the trained student and heads."""
+    student: nn.Module
+    teacher: nn.Module
+    heads: dict[str, nn.Module]
+    feature_taps: tuple[str, str]  # (student module, teacher module) whose outputs the feature head distils
+
+
+def rebuild_run(run_args: Mapping, student_state: Mapping, heads_state: Mapping, info: Mapping) -> TrainedRun:
     """The run's teacher, student and heads from its stored settings (``args`` of a ``diffkd.train``
     checkpoint), with the trained student and heads loaded strictly."""
     if run_args.get("method") != "diffkd":
@@ -249,23 +269,27 @@ def rebuild_distiller(run_args: Mapping, student_state: Mapping, heads_state: Ma
                          f"the teacher the student was distilled from")
     teacher = create_model(run_args["teacher"], num_classes=info["num_classes"], in_chans=info["in_chans"],
                            pretrained=bool(run_args.get("teacher_pretrained")), checkpoint=teacher_ckpt)
-    taps = {}
+    shapes, features = {}, {}
     for role, model in (("student", student), ("teacher", teacher)):
         feature, logits = default_taps(run_args[role], model, input_size)
-        taps[role] = (run_args.get(f"{role}_feature") or feature, logits)
-    distiller = build_distiller(settings, student, teacher, student_taps=taps["student"],
-                                teacher_taps=taps["teacher"], input_size=input_size, log=lambda line: None)
-    distiller.student.load_state_dict(student_state)
-    distiller.heads.load_state_dict(heads_state)
-    return distiller
+        features[role] = run_args.get(f"{role}_feature") or feature
+        probed = probe_taps(model, [features[role], logits], input_size)
+        shapes[role] = {"feature": probed[features[role]][1:], "logit": probed[logits][1:]}
+    heads = nn.ModuleDict(build_heads(settings, shapes["student"], shapes["teacher"]))
+    student.load_state_dict(student_state)
+    heads.load_state_dict(heads_state)
+    return TrainedRun(student, teacher, dict(heads.items()), (features["student"], features["teacher"]))
 
 
 def diagnose_checkpoint(checkpoint: Mapping, *, batches: Iterable, info: Mapping, nfes: Sequence[int] = DEFAULT_NFES,
                         seed: int = 0, device: torch.device | str = "cpu") -> dict[str, HeadDiagnosis]:
-    """:func:`diagnose_distiller` for a ``diffkd.train`` checkpoint (its ``args``, ``student`` and ``heads``);
+    """:func:`diagnose_heads` for a ``diffkd.train`` checkpoint (its ``args``, ``student`` and ``heads``);
     ``batches`` are the test set's (images, targets), ``info`` the dataset facts of ``diffkd.data.build_datasets``."""
-    distiller = rebuild_distiller(checkpoint["args"], checkpoint["student"], checkpoint["heads"], info).to(device)
-    return diagnose_distiller(distiller, batches, nfes=nfes, seed=seed, device=device)
+    run = rebuild_run(checkpoint["args"], checkpoint["student"], checkpoint["heads"], info)
+    for module in (run.student, run.teacher, *run.heads.values()):
+        module.to(device)
+    return diagnose_heads(run.student, run.teacher, run.heads, batches, feature_taps=run.feature_taps, nfes=nfes,
+                          seed=seed, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

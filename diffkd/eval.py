@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
     parser.add_argument("--export", metavar="FILE", help="write the student alone as {'model': state_dict}")
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="only --export, no test pass")
+    parser.add_argument("--diagnose", nargs="?", const="", metavar="FOLDER",
+                        help="DiffKD runs: also the NFE diagnosis on the test set (diffkd.diagnose: distance to the "
+                             "teacher per number of denoising steps and along the chain), printed and written as "
+                             "nfe-diagnosis.{json,csv,png} next to the checkpoint, or in FOLDER")
     return parser
 
 
@@ -76,6 +80,9 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
             raise UsageError(f"--export {export_path}: folder {export_path.parent} does not exist")
         export_student(checkpoint, export_path)
         runtime.log(f"exported the student {run_args['student']} (epoch {checkpoint['epoch']}) to {export_path}")
+    if args.diagnose is not None and (checkpoint is None or not args.evaluate or runtime.distributed):
+        raise UsageError("--diagnose takes the last.pth / best.pth of a DiffKD run, in one process, with the test "
+                         "pass (without --no-eval)")
     if not args.evaluate:
         return None
     dataset = args.dataset or recorded.get("dataset") or "fashion-mnist"
@@ -92,6 +99,14 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
     epoch = f" (epoch {checkpoint['epoch']})" if checkpoint is not None else ""
     runtime.log(f"{path}{epoch}: {dataset} test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
                 f"loss {metrics['loss']:.4f} on {len(val_ds)} images")
+    if args.diagnose is not None:
+        from diffkd.diagnose import run_diagnosis  # matplotlib loads only when asked for
+        try:
+            run_diagnosis(checkpoint, batches=loader, info=info, folder=Path(args.diagnose or path.parent),
+                          title=f"{path.parent.name}/{path.name}{epoch}: NFE diagnosis", device=runtime.device,
+                          log=runtime.log)
+        except ValueError as error:
+            raise UsageError(f"--diagnose: {error}") from None
     return metrics
 
 

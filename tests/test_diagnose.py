@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from diffkd import DiffKDHead, diagnose, load_official_state_dict
+from diffkd import eval as diffkd_eval
 from diffkd import train
 from diffkd.data import build_datasets, build_loader
 from diffkd.models import FeatureTaps, create_model, default_taps, load_checkpoint, match_spatial
@@ -27,12 +28,12 @@ def trained_run(data_dir, teacher_ckpt, tmp_path_factory):  # noqa: F811
     checkpoint = torch.load(output / "run" / "last.pth", weights_only=True)
     _, val_ds, info = build_datasets("fashion-mnist", data_dir)
     batches = list(build_loader(val_ds, 10, train=False))  # 24 test images: batches of 10, 10 and 4
-    return checkpoint, batches, info
+    return checkpoint, batches, info, output / "run" / "last.pth"
 
 
 @pytest.fixture(scope="module")
 def diagnoses(trained_run):
-    checkpoint, batches, info = trained_run
+    checkpoint, batches, info, _ = trained_run
     return diagnose.diagnose_checkpoint(checkpoint, batches=batches, info=info, nfes=NFES, seed=3)
 
 
@@ -94,14 +95,14 @@ def test_one_row_per_nfe_and_finite_numbers(diagnoses):
 
 
 def test_the_trained_nfe_row_is_the_heads_own_kd_loss_on_fixed_noises(trained_run, diagnoses):
-    checkpoint, batches, _ = trained_run
+    checkpoint, batches, _, _ = trained_run
     expected = _independent_kd_losses(checkpoint, batches, seed=3)
     for name, (kd_loss, rel_error) in expected.items():
         trained = next(row for row in diagnoses[name].nfe if row.trained)
         assert trained.kd_distance == pytest.approx(kd_loss, rel=1e-5), name
         assert trained.rel_error == pytest.approx(rel_error, rel=1e-5), name
     # another seed draws other blend noises, hence other distances
-    checkpoint_, batches_, info = trained_run
+    checkpoint_, batches_, info, _ = trained_run
     other = diagnose.diagnose_checkpoint(checkpoint_, batches=batches_, info=info, nfes=(5,), seed=4)
     assert other["feature"].nfe[0].kd_distance != pytest.approx(expected["feature"][0], rel=1e-6)
 
@@ -121,7 +122,7 @@ def test_report_files_table_and_title(diagnoses, tmp_path):
 
 
 def test_refuses_runs_without_diffkd_and_bad_nfes(trained_run):
-    checkpoint, batches, info = trained_run
+    checkpoint, batches, info, _ = trained_run
     kd_run = {**checkpoint, "args": {**checkpoint["args"], "method": "kd"}}
     with pytest.raises(ValueError, match="needs a DiffKD run; this checkpoint was trained with --method kd"):
         diagnose.diagnose_checkpoint(kd_run, batches=batches, info=info)
@@ -130,3 +131,16 @@ def test_refuses_runs_without_diffkd_and_bad_nfes(trained_run):
     moved = {**checkpoint, "args": {**checkpoint["args"], "teacher_ckpt": "/nonexistent/teacher.pth"}}
     with pytest.raises(ValueError, match="teacher checkpoint /nonexistent/teacher.pth does not exist"):
         diagnose.diagnose_checkpoint(moved, batches=batches, info=info)
+
+
+def test_eval_diagnose_prints_the_tables_and_writes_the_report(trained_run, data_dir, tmp_path, capsys):  # noqa: F811
+    path = trained_run[3]
+    code, out, err = run_cli(diffkd_eval, [path, "--diagnose", tmp_path / "diagnosis", "--data-dir", data_dir,
+                                           "--threads", 1, "-b", 12], capsys)
+    assert code == 0, err
+    assert "test top-1" in out and "feature head (mse distance, trained with 5 steps" in out
+    assert out.count("<- trained") == 2
+    assert sorted(p.name for p in (tmp_path / "diagnosis").iterdir()) == [
+        "nfe-diagnosis.csv", "nfe-diagnosis.json", "nfe-diagnosis.png"]
+    code, _, err = run_cli(diffkd_eval, [path, "--diagnose", "--no-eval", "--threads", 1], capsys)
+    assert code == 2 and "--diagnose takes the last.pth / best.pth of a DiffKD run" in err
