@@ -152,13 +152,24 @@ def test_eager_triton_calls_bypass_the_registered_ops(monkeypatch):
     assert "diffkd" in dispatched.namespaces
 
 
-def test_a_second_call_reuses_the_plan_and_still_checks_per_call_arguments(monkeypatch):
+def test_plans_are_made_once_per_signature_and_per_call_arguments_still_checked(monkeypatch):
+    ddim = importlib.import_module("kernels.ddim")
+    plans_made = []
+
+    def counted_plan(*args):
+        plans_made.append(args)
+        return forward_plan(*args)
+    forward_plan = ddim._forward_plan
+    monkeypatch.setattr(ddim, "_forward_plan", counted_plan)
+    _common.clear_signature_caches()
     x, eps = make((2, 3, 4, 5), "channels_last"), make((2, 3, 4, 5))
     for _ in range(2):
         torch.testing.assert_close(kernels.ddim_step(x, eps, 1.5, -0.5, backend="triton"), 1.5 * x - 0.5 * eps)
+    assert len(plans_made) == 1
     # Same shapes, other strides: another signature, another plan.
     sliced = make((2, 3, 4, 5), "spatial_slice")
     torch.testing.assert_close(kernels.ddim_step(sliced, eps, 1.5, -0.5, backend="triton"), 1.5 * sliced - 0.5 * eps)
+    assert len(plans_made) == 2
     # What a signature does not fix is checked on every call.
     with pytest.raises(ValueError, match="Python float"):
         kernels.ddim_step(x, eps, "1.5", -0.5, backend="triton")
