@@ -50,26 +50,82 @@ def make_table(title: str, columns: list[str], rows: list[list], notes: list[str
     return table
 
 
+def _table_head(table: dict) -> list[str]:
+    return [f"### {table['title']}", "", "| " + " | ".join(table["columns"]) + " |",
+            "|" + "|".join(" --- " for _ in table["columns"]) + "|"]
+
+
+def _row_line(row: list[str]) -> str:
+    return "| " + " | ".join(row) + " |"
+
+
 def render_table(table: dict) -> str:
-    lines = [f"### {table['title']}", ""]
-    lines.append("| " + " | ".join(table["columns"]) + " |")
-    lines.append("|" + "|".join(" --- " for _ in table["columns"]) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+    lines = _table_head(table) + [_row_line(row) for row in table["rows"]]
     lines += [""] + [f"- {note}" for note in table["notes"]]
     return "\n".join(lines).rstrip() + "\n"
 
 
+MAX_LISTED = 4  # skipped items named in one collapsed line
+
+
+def skipped_lines(skipped: list[dict]) -> list[str]:
+    """One line per reason: "- skipped a, b, c: why" (items beyond MAX_LISTED counted, not named)."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in skipped:
+        by_reason.setdefault(entry["why"], []).append(entry["what"])
+    lines = []
+    for why, whats in by_reason.items():
+        named = ", ".join(whats[:MAX_LISTED]) + (f" and {len(whats) - MAX_LISTED} more" if len(whats) > MAX_LISTED
+                                                 else "")
+        lines.append(f"- skipped {named}: {why}")
+    return lines
+
+
+def _notes_lines(notes: list[str]) -> list[str]:
+    return [f"- {note}" for note in notes] + ([""] if notes else [])
+
+
+def _tail_lines(section: dict) -> list[str]:
+    return skipped_lines(section.get("skipped", [])) + [f"- ERROR in {entry['what']}: {entry['error']}"
+                                                        for entry in section.get("errors", [])]
+
+
 def render_section(name: str, section: dict) -> str:
-    parts = [f"## {name}", ""]
-    parts += [f"- {note}" for note in section.get("notes", [])]
-    if section.get("notes"):
-        parts.append("")
+    parts = [f"## {name}", ""] + _notes_lines(section.get("notes", []))
     parts += [render_table(table) for table in section.get("tables", [])]
-    for entry in section.get("skipped", []):
-        parts.append(f"- skipped {entry['what']}: {entry['why']}")
-    for entry in section.get("errors", []):
-        parts.append(f"- ERROR in {entry['what']}: {entry['error']}")
+    parts += _tail_lines(section)
     return "\n".join(parts).rstrip() + "\n"
+
+
+class LivePrinter:
+    """Prints a section while it is measured: its heading and notes at the start, every table row as it is added
+    (after the table's title and header), and at the end the notes added since, what was skipped and the errors.
+    Disabled, it prints nothing (the caller prints the whole section at the end instead)."""
+
+    def __init__(self, name: str, section: dict, enabled: bool = True):
+        self.name, self.section, self.enabled = name, section, enabled
+        self._notes_printed = 0
+
+    def _print(self, lines: list[str]) -> None:
+        if self.enabled and lines:
+            print("\n".join(lines), flush=True)
+
+    def start(self) -> None:
+        notes = self.section["notes"]
+        self._print(["", f"## {self.name}", ""] + [f"- {note}" for note in notes])
+        self._notes_printed = len(notes)
+
+    def row(self, table: dict) -> None:
+        """Prints the row just added to ``table``."""
+        head = _table_head(table) if len(table["rows"]) == 1 else []
+        self._print(([""] if head else []) + head + [_row_line(table["rows"][-1])])
+
+    def line(self, text: str) -> None:
+        self._print([text])
+
+    def end(self) -> None:
+        notes = self.section["notes"][self._notes_printed:]
+        self._print([""] + [f"- {note}" for note in notes] + _tail_lines(self.section))
 
 
 def render_markdown(results: dict) -> str:

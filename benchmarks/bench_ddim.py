@@ -15,17 +15,21 @@ The step kernel (kernels.ddim_step / ddim_step_embed, forward and backward) is a
 reported as GB/s and as a fraction of the copy bandwidth measured in the same run, plus µs per step at the real
 feature shapes.
 
-    python benchmarks/bench_ddim.py                   # CPU: a reduced matrix, fp32 (providers that can run)
-    python benchmarks/bench_ddim.py --quick           # tiny shapes, seconds
-    python benchmarks/bench_ddim.py --full --dtypes fp32,bf16 --json benchmarks/results/   # the issue's matrix
+    python benchmarks/bench_ddim.py --quick           # tiny shapes, under 30 s on a 2-core CPU (no torch.compile)
+    python benchmarks/bench_ddim.py                   # CPU: a reduced matrix, fp32; torch.compile takes minutes
+    python benchmarks/bench_ddim.py --full --dtypes fp32,bf16 --json benchmarks/results/   # the whole matrix
     python benchmarks/bench_ddim.py --shapes feature-1024-7-32,logit-1000-256 --providers eager,triton
-Shape syntax: feature-C-SIDE-B (a C×SIDE×SIDE map, batch B) or logit-K-B.
+Shape syntax: feature-C-SIDE-B (a C×SIDE×SIDE map, batch B) or logit-K-B.  On a CPU it times with one thread and
+the process's CPU time (--threads 1 --clock cpu), which stays consistent on a shared machine; --threads/--clock
+override.  Rows are printed as they are measured; a section with a single provider on this device says so instead
+of timing it.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +40,7 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from benchmarks import _cli  # noqa: E402
-from benchmarks._report import Results, add_row, make_table, print_section  # noqa: E402
+from benchmarks._report import LivePrinter, Results, add_row, make_table  # noqa: E402
 from benchmarks._timing import TimingPlan, is_gpu, relative_error, time_candidates, time_left  # noqa: E402
 from benchmarks.naive_head import NaiveDiffusionModel, PaperScheduler, diffusers_available, naive_denoise  # noqa: E402
 from diffkd import DiffKDHead  # noqa: E402
@@ -222,25 +226,24 @@ def _check(provider: str, mode: str, result, expected, tolerance: float) -> floa
 
 
 def bench_chain_case(results: Results, section: dict, shape: ChainShape, dtype_name: str, device, *, providers,
-                     modes, plan: TimingPlan, deadline: float | None, compile_reserve_s: float = 0) -> None:
-    """Checks and times every provider at one (shape, dtype); ``compile`` is skipped when less than
-    ``compile_reserve_s`` seconds are left before the deadline (its compilation alone can take that long)."""
+                     modes, plan: TimingPlan, deadline: float | None, compile_reserve_s: float = 0,
+                     live: LivePrinter | None = None) -> None:
+    """Checks and times ``providers`` (all available here) at one (shape, dtype); ``compile`` is skipped when less
+    than ``compile_reserve_s`` seconds are left before the deadline (its compilation alone can take that long)."""
     dtype = DTYPES[dtype_name]
     case = _ChainCase(shape, dtype, device)
     tolerance = TOLERANCE[(torch.device(device).type, dtype_name)]
-    available = provider_availability(device)
     for mode in modes:
         label = f"{shape.name} {dtype_name} {mode}"
         _, eager_result = case.runnable("eager", mode)
         expected = eager_result()
         runs, errors = {}, {}
         for provider in providers:
-            if available[provider] is not None:
-                Results.skip(section, f"{label} / {provider}", available[provider])
-                continue
             if time_left(deadline) <= (compile_reserve_s if provider == "compile" else 0):
                 Results.skip(section, f"{label} / {provider}", "too close to the deadline")
                 continue
+            if provider == "compile" and live is not None:
+                live.line(f"(compiling the chain for {label} with torch.compile: minutes on a CPU ...)")
             try:
                 run, result = case.runnable(provider, mode)
                 errors[provider] = _check(provider, mode, result, expected, tolerance)
@@ -254,41 +257,79 @@ def bench_chain_case(results: Results, section: dict, shape: ChainShape, dtype_n
         except Exception as exc:
             Results.error(section, f"{label}: timing", exc)
             continue
-        table = _chain_table(section, shape, dtype_name, mode)
+        baselines = [b for b in BASELINES if b in providers]  # no column for a baseline that does not run
+        table = _chain_table(section, shape, dtype_name, mode, baselines)
         for provider, timing in timings.items():
-            ratios = [timings[b].median_ms / timing.median_ms if b in timings else None for b in BASELINES]
+            ratios = [timings[b].median_ms / timing.median_ms if b in timings else None for b in baselines]
             add_row(table, [shape.name, provider, shape.batch / timing.median_ms * 1e3, timing.median_ms, *ratios,
                             errors[provider]])
+            if live is not None:
+                live.row(table)
             section["records"].append({"shape": shape.name, "dtype": dtype_name, "mode": mode, "provider": provider,
                                        "batch": shape.batch, **timing.as_dict(), "rel_error": errors[provider],
-                                       **{f"speedup_vs_{b}": r for b, r in zip(BASELINES, ratios)}})
+                                       **{f"speedup_vs_{b}": r for b, r in zip(baselines, ratios)}})
         results.flush()
 
 
-def _chain_table(section: dict, shape: ChainShape, dtype_name: str, mode: str) -> dict:
-    """The table of one (dtype, mode, kind), created on first use."""
-    what = "feature head (spatial Φ)" if shape.kind == "feature" else "logit head (vector Φ)"
-    title = f"5-step chain with Φ, {what}, {dtype_name}, {'forward' if mode == 'fwd' else 'forward+backward'}"
+def _section_table(section: dict, title: str, columns: list[str]) -> dict:
+    """The section's table titled ``title``, created on first use (so a cut-off run leaves no empty table)."""
     for table in section["tables"]:
         if table["title"] == title:
             return table
-    table = make_table(title, ["shape", "provider", "samples/s", "ms", *[f"× vs {b}" for b in BASELINES],
-                               "rel err vs eager"], [])
+    table = make_table(title, columns, [])
     section["tables"].append(table)
     return table
 
 
+def _chain_table(section: dict, shape: ChainShape, dtype_name: str, mode: str, baselines: list[str]) -> dict:
+    """The table of one (dtype, mode, kind)."""
+    what = "feature head (spatial Φ)" if shape.kind == "feature" else "logit head (vector Φ)"
+    title = f"5-step chain with Φ, {what}, {dtype_name}, {'forward' if mode == 'fwd' else 'forward+backward'}"
+    return _section_table(section, title, ["shape", "provider", "samples/s", "ms",
+                                           *[f"× vs {b}" for b in baselines], "rel err vs eager"])
+
+
+def _available_providers(section: dict, requested, availability: dict[str, str | None]) -> list[str]:
+    """The requested providers that run here; the others are recorded as skipped, once each."""
+    for provider in requested:
+        if availability[provider] is not None:
+            Results.skip(section, provider, availability[provider])
+    return [p for p in requested if availability[p] is None]
+
+
+def _single_provider(section: dict, what: str, provider: str) -> None:
+    """Records (and prints) that a section has nothing to compare on this device; nothing is timed."""
+    section["notes"].append(f"only {provider} runs on this device, so {what} has nothing to compare and was not "
+                            "timed (see the skipped providers below)")
+    section["single_provider"] = provider
+    section["status"] = "done"
+
+
 def run_chain_benchmark(results: Results, device, *, shapes, dtypes=("fp32",), modes=MODES, providers=PROVIDERS,
                         plan: TimingPlan = TimingPlan(), deadline: float | None = None, compile_reserve_s: float = 0,
-                        section_name: str = "chain") -> dict:
+                        section_name: str = "chain", left_out: Mapping[str, str] | None = None,
+                        live: bool = False) -> dict:
+    """The chain section; ``left_out`` maps providers left out on purpose to why; ``live`` prints the section while
+    it is measured (rows as they come)."""
     section = results.section(section_name)
+    printer = LivePrinter(section_name, section, enabled=live)
+    for provider, why in (left_out or {}).items():
+        Results.skip(section, provider, why)
     section["notes"] += [f"NFE {NFE}: timesteps 400, 300, 200, 100, 0; BatchNorm in training mode",
                          "bf16: parameters and inputs in bfloat16 (no autocast)",
                          "× vs X: X's time / this provider's time (higher is faster)"]
-    if "diffusers" in providers and diffusers_available():
+    providers = _available_providers(section, providers, provider_availability(device))
+    if len(providers) == 1:
+        _single_provider(section, "the chain", providers[0])
+        printer.start()
+        printer.end()
+        results.flush()
+        return section
+    if "diffusers" in providers:
         section["notes"].append(f"diffusers provider: {PaperScheduler(use_diffusers=True).source}")
     if not is_gpu(device) and interpreter_enabled() and "triton" in providers:
         section["notes"].append("triton ran in Triton's CPU interpreter: its times are not performance numbers")
+    printer.start()
     for shape_text, dtype_name in itertools.product(shapes, dtypes):
         shape = ChainShape.parse(shape_text)
         if time_left(deadline) <= 0:
@@ -296,11 +337,12 @@ def run_chain_benchmark(results: Results, device, *, shapes, dtypes=("fp32",), m
             continue
         try:
             bench_chain_case(results, section, shape, dtype_name, device, providers=providers, modes=modes,
-                             plan=plan, deadline=deadline, compile_reserve_s=compile_reserve_s)
+                             plan=plan, deadline=deadline, compile_reserve_s=compile_reserve_s, live=printer)
         except Exception as exc:  # e.g. out of memory at one shape: the next shape still runs
             Results.error(section, f"{shape.name} {dtype_name}", exc)
         results.flush()
     section["status"] = "done"
+    printer.end()
     results.flush()
     return section
 
@@ -348,15 +390,25 @@ def copy_bandwidth(megabytes: int, device, *, plan: TimingPlan, deadline=None) -
     return 2 * src.numel() / (timing.median_ms * 1e-3) / 1e9
 
 
+def step_kernel_availability(device) -> dict[str, str | None]:
+    return {"torch": None, "triton": None if is_gpu(device) or interpreter_enabled() else
+            "the Triton kernel needs a CUDA GPU (TRITON_INTERPRET=1 runs it in the interpreter, for dry runs only)"}
+
+
 def run_step_kernel_benchmark(results: Results, device, *, sizes_mb=SWEEP_MB, real_shapes=REAL_STEP_SHAPES,
                               dtypes=("fp32",), plan: TimingPlan = TimingPlan(), deadline: float | None = None,
-                              section_name: str = "step_kernel") -> dict:
+                              section_name: str = "step_kernel", live: bool = False) -> dict:
+    """The step-kernel section; ``live`` prints it while it is measured (rows as they come)."""
     section = results.section(section_name)
-    gpu = is_gpu(device)
-    providers = ["torch"] + (["triton"] if gpu or interpreter_enabled() else [])
-    if "triton" not in providers:
-        Results.skip(section, "triton step kernel", "the Triton backend needs a CUDA GPU")
-    elif not gpu:
+    printer = LivePrinter(section_name, section, enabled=live)
+    providers = _available_providers(section, ("torch", "triton"), step_kernel_availability(device))
+    if len(providers) == 1:
+        _single_provider(section, "the DDIM step kernel", providers[0])
+        printer.start()
+        printer.end()
+        results.flush()
+        return section
+    if not is_gpu(device):
         section["notes"].append("triton ran in Triton's CPU interpreter: its numbers are not performance numbers")
     section["notes"].append(f"sweep tensors: B×{SWEEP_CHANNELS}×{SWEEP_SIDE}×{SWEEP_SIDE} fp32, B set by the size; "
                             "GB/s counts every tensor read or written once (fwd: x, ε̂, out [+ next input]; "
@@ -370,9 +422,9 @@ def run_step_kernel_benchmark(results: Results, device, *, sizes_mb=SWEEP_MB, re
     section["copy_bandwidth_gbs"] = copy_gbs
     section["notes"].append(f"copy bandwidth (torch copy_ of {max(sizes_mb)} MB, read+write): "
                             f"{copy_gbs:.1f} GB/s" if copy_gbs else "copy bandwidth: not measured")
+    printer.start()
     results.flush()
 
-    rows = []
     for megabytes, provider in itertools.product(sizes_mb, providers):
         if time_left(deadline) <= 0:
             Results.skip(section, f"sweep {megabytes} MB / {provider}", "deadline reached")
@@ -384,17 +436,17 @@ def run_step_kernel_benchmark(results: Results, device, *, sizes_mb=SWEEP_MB, re
         except Exception as exc:
             Results.error(section, f"sweep {megabytes} MB / {provider}", exc)
             continue
+        table = _section_table(section, "DDIM step kernel alone: size sweep (fp32)",
+                               ["size / tensor", "provider", "op", "µs", "GB/s", "of copy BW"])
         for op, timing in timings.items():
             gbs = ops[op][1] * elements * 4 / (timing.median_ms * 1e-3) / 1e9
             fraction = gbs / copy_gbs if copy_gbs else None
-            rows.append([f"{megabytes} MB", provider, op, timing.median_ms * 1e3, gbs, fraction])
+            add_row(table, [f"{megabytes} MB", provider, op, timing.median_ms * 1e3, gbs, fraction])
+            printer.row(table)
             section["records"].append({"sweep_mb": megabytes, "provider": provider, "op": op, **timing.as_dict(),
                                        "gbs": gbs, "fraction_of_copy": fraction})
         results.flush()
-    section["tables"].append(make_table("DDIM step kernel alone: size sweep (fp32)",
-                                        ["size / tensor", "provider", "op", "µs", "GB/s", "of copy BW"], rows))
 
-    rows = []
     for (batch, channels, side), dtype_name, provider in itertools.product(real_shapes, dtypes, providers):
         if time_left(deadline) <= 0:
             Results.skip(section, f"real shape B{batch} C{channels} {side}×{side}", "deadline reached")
@@ -405,31 +457,34 @@ def run_step_kernel_benchmark(results: Results, device, *, sizes_mb=SWEEP_MB, re
         except Exception as exc:
             Results.error(section, f"real shape B{batch} C{channels} {side}×{side} {dtype_name} / {provider}", exc)
             continue
-        rows.append([f"B{batch} C{channels} {side}×{side}", dtype_name, provider,
-                     *[timings[op].median_ms * 1e3 if op in timings else None
-                       for op in ("step fwd", "step+embed fwd", "step bwd")]])
+        table = _section_table(section, "DDIM step at the real shapes: µs per call",
+                               ["shape", "dtype", "provider", "step fwd", "step+embed fwd", "step bwd"])
+        add_row(table, [f"B{batch} C{channels} {side}×{side}", dtype_name, provider,
+                        *[timings[op].median_ms * 1e3 if op in timings else None
+                          for op in ("step fwd", "step+embed fwd", "step bwd")]])
+        printer.row(table)
         section["records"].append({"batch": batch, "channels": channels, "side": side, "dtype": dtype_name,
                                    "provider": provider,
                                    **{f"{op} us": t.median_ms * 1e3 for op, t in timings.items()}})
         results.flush()
-    section["tables"].append(make_table("DDIM step at the real shapes: µs per call",
-                                        ["shape", "dtype", "provider", "step fwd", "step+embed fwd", "step bwd"],
-                                        rows))
     section["status"] = "done"
+    printer.end()
     results.flush()
     return section
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _cli.add_common_arguments(parser)
+    _cli.add_common_arguments(parser, robust_cpu_defaults=True)
     matrix = parser.add_mutually_exclusive_group()
-    matrix.add_argument("--quick", action="store_true", help=f"tiny shapes ({', '.join(QUICK_SHAPES)}), small sweep")
-    matrix.add_argument("--full", action="store_true", help="the issue's whole shape matrix (default on a GPU)")
+    matrix.add_argument("--quick", action="store_true",
+                        help=f"tiny shapes ({', '.join(QUICK_SHAPES)}), small sweep, no torch.compile: seconds")
+    matrix.add_argument("--full", action="store_true", help="the whole shape matrix (default on a GPU)")
     matrix.add_argument("--shapes", default=None, help="comma-separated shapes, e.g. feature-1024-7-32,logit-100-64")
     parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16 (default fp32)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: fwd, fwdbwd")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"from: {', '.join(PROVIDERS)}")
+    parser.add_argument("--providers", default=None,
+                        help=f"from: {', '.join(PROVIDERS)} (default: all; --quick leaves out compile)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds on the CPU (default 7)")
     parser.add_argument("--sweep-mb", default=None,
                         help="comma-separated sizes in MB per tensor for the step-kernel sweep "
@@ -437,35 +492,43 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the step-kernel section")
     parser.add_argument("--no-chain", action="store_true", help="skip the chain section")
     args = parser.parse_args(argv)
-    device, results = _cli.prepare(args)
-    plan = TimingPlan(repeats=args.repeats, clock=args.clock)
+    gpu = is_gpu(_cli.resolve_device(args.device))
     if args.quick:
         shapes = QUICK_SHAPES
     elif args.shapes:
         shapes = tuple(s for s in args.shapes.split(",") if s)
     else:
-        shapes = FULL_SHAPES if args.full or is_gpu(device) else CPU_SHAPES
+        shapes = FULL_SHAPES if args.full or gpu else CPU_SHAPES
+    left_out = {}
     try:
         [ChainShape.parse(s) for s in shapes]
         dtypes = _choices(args.dtypes, DTYPES, "--dtypes")
         modes = _choices(args.modes, MODES, "--modes")
-        providers = _choices(args.providers, PROVIDERS, "--providers")
+        if args.providers is not None:
+            providers = _choices(args.providers, PROVIDERS, "--providers")
+        elif args.quick:
+            providers = tuple(p for p in PROVIDERS if p != "compile")
+            left_out["compile"] = "left out of --quick (torch.compile takes minutes on a CPU; --providers to add it)"
+        else:
+            providers = PROVIDERS
         sizes = tuple(int(v) for v in args.sweep_mb.split(",")) if args.sweep_mb else (
-            QUICK_SWEEP_MB if args.quick else GPU_SWEEP_MB if is_gpu(device) else SWEEP_MB)
+            QUICK_SWEEP_MB if args.quick else GPU_SWEEP_MB if gpu else SWEEP_MB)
     except ValueError as exc:
         parser.error(str(exc))
+    device, results = _cli.prepare(args)
+    plan = TimingPlan(repeats=args.repeats, clock=args.clock)
     failed = False
     if not args.no_chain:
         section = run_chain_benchmark(results, device, shapes=shapes, dtypes=dtypes, modes=modes,
-                                      providers=providers, plan=plan)
-        print_section("chain", section)
+                                      providers=providers, plan=plan, left_out=left_out, live=True)
         failed |= bool(section["errors"])
     if not args.no_sweep:
         real_shapes = ((4, 16, 4),) if args.quick else REAL_STEP_SHAPES
         section = run_step_kernel_benchmark(results, device, sizes_mb=sizes, real_shapes=real_shapes, dtypes=dtypes,
-                                            plan=plan)
-        print_section("step_kernel", section)
+                                            plan=plan, live=True)
         failed |= bool(section["errors"])
+    if results.path is not None:
+        print(f"\nresults: {results.path} and {results.path.with_suffix('.md')}")
     return 1 if failed else 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import bench_ddim, bench_step, gpu_check
-from benchmarks._report import Results
+from benchmarks._report import LivePrinter, Results, add_row, make_table, render_section, skipped_lines
 from benchmarks._timing import TimingPlan, relative_error, time_interleaved
 from benchmarks.naive_head import (CHECKED_ERRORS, NaiveDiffKDHead, PaperScheduler, compare_heads, diffusers_available,
                                    explicit_noises, worst_error)
@@ -217,6 +217,78 @@ def test_bench_ddim_and_bench_step_share_one_results_file(tmp_path):
     assert sections["step_kernel"]["copy_bandwidth_gbs"] > 0
     assert {r["method"] for r in sections["train_step"]["records"]} == {"none", "kd", "diffkd-torch"}
     assert "## train_step" in path.with_suffix(".md").read_text()
+
+
+def test_bench_ddim_times_one_thread_cpu_time_on_a_cpu_unless_told(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    for extra, threads, clock in (([], 1, "process CPU time"), (["--threads", "2"], 2, "wall time"),
+                                  (["--clock", "wall"], 1, "wall time")):
+        path = tmp_path / f"{threads}-{clock}.json"
+        # One provider: the chain says so instead of timing, so this costs nothing.
+        assert bench_ddim.main(["--quick", "--no-sweep", "--providers", "eager", "--json", str(path)] + extra) == 0
+        data = json.loads(path.read_text())
+        assert data["meta"]["torch_threads"] == threads and clock in data["meta"]["timing"], extra
+        assert data["sections"]["chain"]["single_provider"] == "eager" and data["sections"]["chain"]["tables"] == []
+    out = capsys.readouterr().out
+    assert "CPU timing: 1 thread(s), process CPU time" in out
+    assert "only eager runs on this device, so the chain has nothing to compare and was not timed" in out
+
+
+def test_bench_ddim_quick_leaves_torch_compile_out(monkeypatch):
+    calls = {}
+
+    def fake_section(name):
+        def run(results, device, **kwargs):
+            calls[name] = kwargs
+            return {"errors": []}
+        return run
+    monkeypatch.setattr(bench_ddim, "run_chain_benchmark", fake_section("chain"))
+    monkeypatch.setattr(bench_ddim, "run_step_kernel_benchmark", fake_section("step_kernel"))
+    assert bench_ddim.main(["--quick", "--threads", "1"]) == 0
+    assert "compile" not in calls["chain"]["providers"] and "compile" in calls["chain"]["left_out"]
+    assert calls["chain"]["live"] and calls["step_kernel"]["live"]
+    assert bench_ddim.main(["--quick", "--threads", "1", "--providers", "eager,compile"]) == 0
+    assert calls["chain"]["providers"] == ("eager", "compile") and calls["chain"]["left_out"] == {}
+
+
+def test_step_kernel_section_with_a_single_provider_times_nothing(monkeypatch):
+    monkeypatch.setattr(bench_ddim, "interpreter_enabled", lambda: False)
+    results = Results(None, {})
+    section = bench_ddim.run_step_kernel_benchmark(results, "cpu", sizes_mb=(1,), real_shapes=((4, 16, 4),))
+    assert section["single_provider"] == "torch" and section["tables"] == [] and section["records"] == []
+    assert section["status"] == "done" and [e["what"] for e in section["skipped"]] == ["triton"]
+
+
+def test_live_printer_prints_each_row_as_it_is_added(capsys):
+    section = Results(None, {}).section("demo")
+    section["notes"].append("first note")
+    printer = LivePrinter("demo", section)
+    printer.start()
+    table = make_table("demo table", ["a", "b"], [])
+    add_row(table, ["x", 1.5])
+    printer.row(table)
+    first = capsys.readouterr().out
+    assert "## demo" in first and "- first note" in first and "### demo table" in first and "| x | 1.50 |" in first
+    add_row(table, ["y", 2.0])
+    printer.row(table)
+    assert capsys.readouterr().out.strip() == "| y | 2.00 |"  # the header once, then one line per row
+    section["notes"].append("late note")
+    Results.skip(section, "z", "why")
+    printer.end()
+    assert capsys.readouterr().out.split() == "- late note - skipped z: why".split()
+    LivePrinter("quiet", section, enabled=False).start()
+    assert capsys.readouterr().out == ""
+
+
+def test_repeated_skips_collapse_into_one_line_per_reason():
+    skipped = [{"what": f"case {i} / triton-graph", "why": "CUDA graphs need a CUDA GPU"} for i in range(6)]
+    skipped.insert(2, {"what": "compile", "why": "left out"})
+    assert skipped_lines(skipped) == [
+        "- skipped case 0 / triton-graph, case 1 / triton-graph, case 2 / triton-graph, case 3 / triton-graph and "
+        "2 more: CUDA graphs need a CUDA GPU",
+        "- skipped compile: left out"]
+    assert render_section("s", {"skipped": skipped}).count("skipped") == 2
 
 
 @pytest.mark.parametrize("argv, message", [
