@@ -1,8 +1,8 @@
 """CUDAGraphHead: a DiffKD head whose forward and backward replay CUDA graphs, where the Triton kernels pay off.
 
-On an H200 the CIFAR feature head's forward+backward takes 18.8 ms with PyTorch's ops, 59.3 ms with the Triton
-kernels launched eagerly (each launch costs about 100 µs of host time) and 3.92 ms with the Triton kernels replayed
-from a CUDA graph (README, Benchmarks).  Wrap a head and use it as before::
+On an H200 the CIFAR feature head's forward+backward took 18.8 ms with PyTorch's ops, 59.3 ms with the Triton
+kernels launched eagerly (each launch cost about 100 µs of host time) and 3.92 ms with the Triton kernels replayed
+from a CUDA graph (benchmarks/results/nvidia-h200-2026-11-26-rerun.md).  Wrap a head and use it as before::
 
     head = CUDAGraphHead(DiffKDHead(256, 256))        # same call, same dict, same state_dict keys
     out = head(student_feat, teacher_feat)            # captured on the first training call per shape, then replayed
@@ -130,7 +130,8 @@ def _buffer_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def compare_steps(graphed: StepRecord, eager: StepRecord, tolerance: float = SELF_CHECK_TOLERANCE) -> dict:
-    """The self-check's verdict: ``{"passed", "worst", "worst_of", "tolerance", "errors", "reason"}``.
+    """The self-check's verdict: ``{"passed", "worst", "worst_of", "tolerance", "errors", "reason"}`` (``worst_of``
+    names the worst entry, None when nothing differs).
 
     ``errors`` holds one relative error per output (``output <key>``), ``input grad``, ``parameter grads`` (one
     vector) and ``buffer <name>``; a missing or extra output, gradient or buffer counts as an infinite error.
@@ -151,6 +152,7 @@ def compare_steps(graphed: StepRecord, eager: StepRecord, tolerance: float = SEL
         errors[f"buffer {name}"] = _buffer_error(graphed.buffers[name], eager.buffers[name]) if both else math.inf
     worst_of = max(errors, key=lambda k: errors[k])
     worst = errors[worst_of]
+    worst_of = worst_of if worst > 0 else None  # nothing differs
     passed = worst <= tolerance
     reason = None if passed else f"{worst_of} differs from eager: relative error {worst:.3g} > {tolerance:g}"
     return {"passed": passed, "worst": worst, "worst_of": worst_of, "tolerance": tolerance, "errors": errors,
@@ -181,7 +183,8 @@ def record_step(call: Callable[[torch.Tensor, torch.Tensor], Mapping[str, torch.
 
 # ---- which path a head runs -----------------------------------------------------------------------------------
 def _backend_in_graph(head: nn.Module, dtype: torch.dtype) -> str:
-    """The backend the head's ops resolve to inside a CUDA-graph capture (kernels._common.resolve_backend)."""
+    """The backend a capture of the head will use, by the kernels' rule for "auto" inside a capture (for a
+    prediction without CUDA tensors; a capture itself asks ``kernels.resolve_backend``)."""
     requested = validate_backend_name(getattr(head, "backend", "torch"))
     uses_triton = requested != "torch" and triton_importable() and dtype in TRITON_DTYPES
     return "Triton" if uses_triton else "torch"
@@ -462,7 +465,9 @@ class CUDAGraphHead(nn.Module):
                                      "every call (a CUDA graph cannot capture that)")
             graphed, detached = self._capture(key, student, teacher)
             self._restore(snapshot, device)
-            path = f"graphed {_backend_in_graph(self.head, _parameter_device_and_dtype(self.head)[1])}"
+            with self._runtime.kernels_as_captured(self.head):  # the kernels' own rule, as in the capture
+                resolved = kernels.resolve_backend(getattr(self.head, "backend", "torch"), student)
+            path = f"graphed {'Triton' if resolved == 'triton' else 'torch'}"
             step = _GraphedStep(graphed, tuple(self.head.parameters()), detached, path, description)
             if self.self_check:
                 verdict = self._check(step, student, teacher, snapshot)

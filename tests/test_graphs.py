@@ -135,6 +135,8 @@ class CPUGraphs:
 
     def capture(self, step, sample_args, warmup_iterations):
         self.captures += 1
+        self.autocast_at_capture = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                                    torch.is_autocast_cache_enabled())
         if self.capture_error is not None:
             raise self.capture_error
         for _ in range(warmup_iterations):  # changes BatchNorm statistics and the random state, as on a GPU
@@ -315,6 +317,41 @@ def test_a_new_shape_is_captured_and_checked_on_its_own():
     assert wrapped._runtime.captures == 3
 
 
+def test_autocast_is_part_of_the_key_and_captured_without_its_cache():
+    head, s_shape, t_shape = _head("feature")
+    twin = copy.deepcopy(head)
+    wrapped = _graphed(head)
+    student, teacher = _features(s_shape, t_shape)
+    twin_student = student.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _step(wrapped, student, teacher, seed=3)
+        theirs = _step(twin, twin_student, teacher, seed=3)
+    assert wrapped._runtime.autocast_at_capture == (True, torch.bfloat16, False)
+    [(description, verdict)] = wrapped.self_checks.items()
+    assert description.endswith("autocast bfloat16") and verdict["passed"]
+    assert all(torch.allclose(ours[k], theirs[k], rtol=1e-2, atol=1e-3) for k in ours)
+    _step(wrapped, student, teacher, seed=4)  # without autocast: a new key
+    assert wrapped._runtime.captures == 2
+
+
+def test_gradients_reach_ddp_through_the_replays(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        head, s_shape, t_shape = _head("feature")
+        twin = copy.deepcopy(head)
+        model = DistributedDataParallel(_graphed(head))  # graph before DDP: wrap the head, then the model
+        ours = _step(model, *_features(s_shape, t_shape), seed=7)
+        theirs = _step(twin, *_features(s_shape, t_shape), seed=7)
+        assert model.module.path == "graphed torch" and model.module.self_checks
+        assert torch.allclose(ours["loss"], theirs["loss"])
+        _assert_same_state(head, twin, exact=False)  # DDP's hooks saw every gradient (averaged over one rank)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_eval_no_grad_and_explicit_noise_are_not_captured():
     head, s_shape, t_shape = _head("feature")
     wrapped = _graphed(head)
@@ -407,7 +444,7 @@ def _record(**overrides) -> StepRecord:
 
 def test_compare_steps_passes_equal_records_and_names_the_worst_difference():
     verdict = compare_steps(_record(), _record())
-    assert verdict["passed"] and verdict["worst"] == 0 and verdict["reason"] is None
+    assert verdict["passed"] and verdict["worst"] == 0 and verdict["reason"] is None and verdict["worst_of"] is None
     assert set(verdict["errors"]) == {"output gamma", "output loss", "input grad", "parameter grads",
                                       "buffer bn.num_batches_tracked", "buffer bn.running_mean"}
     # parameter gradients are one vector: |(0.05, 0)| / |(3, 4, 0)| = 0.01
