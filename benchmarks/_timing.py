@@ -183,17 +183,6 @@ def timing_method(device, clock: str = "wall") -> str:
             "warm-up, median over rounds; compare ratios, not absolute times")
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖actual − expected‖ / ‖expected‖ in float64 (inf when shapes differ or values are not finite)."""
-    if actual.shape != expected.shape:
-        return math.inf
-    a, e = actual.detach().double(), expected.detach().double()
-    if not bool(torch.isfinite(a).all()):
-        return math.inf
-    scale = e.norm().item()
-    return (a - e).norm().item() / (scale if scale > 0 else 1.0)
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:

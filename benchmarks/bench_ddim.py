@@ -41,9 +41,10 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from benchmarks import _cli  # noqa: E402
 from benchmarks._report import LivePrinter, Results, add_row, make_table  # noqa: E402
-from benchmarks._timing import TimingPlan, is_gpu, relative_error, time_candidates, time_left  # noqa: E402
+from benchmarks._timing import TimingPlan, is_gpu, time_candidates, time_left  # noqa: E402
 from benchmarks.naive_head import NaiveDiffusionModel, PaperScheduler, diffusers_available, naive_denoise  # noqa: E402
 from diffkd import DiffKDHead  # noqa: E402
+from diffkd.graphs import relative_error  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels._common import interpreter_enabled  # noqa: E402
 

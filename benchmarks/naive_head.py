@@ -270,7 +270,7 @@ def compare_heads(head: nn.Module, naive: nn.Module, student: torch.Tensor, teac
     (information only: the noise adapter's small gradients come through dγ = Σ g·(z − ε), a long reduction whose
     rounding depends on the memory format).  Both heads' BatchNorm statistics advance by one step.
     """
-    from benchmarks._timing import relative_error
+    from diffkd.graphs import relative_error
 
     results = {}
     outputs, grads = [], []

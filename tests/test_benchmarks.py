@@ -11,10 +11,11 @@ import torch
 
 from benchmarks import bench_ddim, bench_step, gpu_check
 from benchmarks._report import LivePrinter, Results, add_row, make_table, render_section, skipped_lines
-from benchmarks._timing import TimingPlan, relative_error, time_interleaved
+from benchmarks._timing import TimingPlan, time_interleaved
 from benchmarks.naive_head import (CHECKED_ERRORS, NaiveDiffKDHead, PaperScheduler, compare_heads, diffusers_available,
                                    explicit_noises, worst_error)
 from diffkd import DiffKDHead
+from diffkd.graphs import relative_error
 
 TODAY = datetime.date.today().isoformat()
 SCHEDULERS = [pytest.param(True, id="diffusers", marks=pytest.mark.skipif(not diffusers_available(),
