@@ -18,7 +18,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, robust_cpu_defaults: b
                         help="cuda or cpu (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on the CPU (default: " + (
-                            "1" if robust_cpu_defaults else "every core") + "; recorded in the results)")
+                            "1 for a CPU run" if robust_cpu_defaults else "every core") + "; recorded in the results)")
     parser.add_argument("--clock", choices=CLOCKS, default=None if robust_cpu_defaults else "wall",
                         help="CPU timing clock: wall or cpu = the process's CPU time, steady on a shared machine; "
                              "cpu needs --threads 1 (with more threads CPU time is not a call's duration); default: "

@@ -383,8 +383,11 @@ def run_step_benchmark(results: Results, device, *, pairs=("imagenet", "cifar"),
         pair = PAIRS[name]
         pair_batch = batch or (pair.gpu_batch if is_gpu(device) else pair.cpu_batch)
         try:
+            print(f"train_step {name}: {pair.teacher} → {pair.student}, batch {pair_batch}", flush=True)
             setups[name] = setup = TrainingSetup(pair, pair_batch, device)
             if check_equality and "diffkd-graphed" in methods:
+                print(f"train_step {name}: CUDAGraphHead against its eager twin, {EQUALITY_STEPS} steps (the first "
+                      "captures: Triton compiles and autotunes its kernels) ...", flush=True)
                 try:
                     report = check_graphed_against_eager(setup)
                     section.setdefault("graph_equality", {})[name] = report
@@ -395,8 +398,9 @@ def run_step_benchmark(results: Results, device, *, pairs=("imagenet", "cifar"),
             if count_flops:
                 counted = [m for m in ("none", "kd", "diffkd-torch") if m in methods]
                 flops[name] = {m: setup.flops(m) for m in counted}
-            timings[name] = _time_methods(section, setup, name, [m for m in methods if m != "diffkd-compile"],
-                                          device, plan, deadline)
+            timed = [m for m in methods if m != "diffkd-compile"]
+            print(f"train_step {name}: timing {', '.join(timed)} ...", flush=True)
+            timings[name] = _time_methods(section, setup, name, timed, device, plan, deadline)
         except Exception as exc:  # one pair failing (e.g. out of memory) leaves the other
             Results.error(section, name, exc)
         results.flush()
