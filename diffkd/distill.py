@@ -109,7 +109,8 @@ class MethodSettings:
 # The CIFAR-100 column also serves Fashion-MNIST (small images, small models).
 _RECIPE_COLUMN = {"cifar100": "cifar", "fashion-mnist": "cifar", "imagenet": "imagenet"}
 # Datasets with dense targets, and the tasks they serve (the column is the task).
-_DENSE_DATASETS = {"fashion-scenes": ("detection", "segmentation")}
+_DENSE_DATASETS = {"fashion-scenes": ("detection", "segmentation"), "coco": ("detection",),
+                   "segfolder": ("segmentation",)}
 _METHOD_DEFAULTS = {
     ("none", "cifar"): dict(ce_weight=1.0),
     ("none", "imagenet"): dict(ce_weight=1.0),

@@ -1,7 +1,7 @@
-"""``python -m diffkd.eval CHECKPOINT``: test accuracy of a trained student; ``--export`` writes it alone.
+"""``python -m diffkd.eval CHECKPOINT``: test accuracy, mAP or mIoU of a trained student; ``--export`` writes it alone.
 
 CHECKPOINT is the ``last.pth`` / ``best.pth`` of a ``diffkd.train`` run (its settings say which dataset and
-model), a file written by ``--export`` (it records its model name under ``arch``), or, with ``--model``, a weight
+model), a file written by ``--export`` (it records its model, task and dataset), or, with ``--model``, a weight
 file in the CIFAR benchmark's format (``{"model": state_dict}``) or any format
 :func:`diffkd.models.load_checkpoint` reads.  ``--export FILE`` writes the student of a training
 checkpoint in the benchmark's format, ready for ``--teacher-ckpt`` or the benchmark's own code.
@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from diffkd.data import DATASET_NAMES, build_datasets, build_loader
-from diffkd.models import create_model
 from diffkd.train.checkpoint import as_training_checkpoint, export_student, load_file
-from diffkd.train.cli import HelpFormatter
+from diffkd.train.cli import ALL_DATASETS, HelpFormatter, check_task_and_dataset
+from diffkd.train.cli import parse_args as train_parse_args
 from diffkd.train.errors import UsageError
 from diffkd.train.runtime import Precision, Runtime, setup_runtime
-from diffkd.train.tasks import ClassificationTask
+from diffkd.train.tasks import TASK_NAMES, task_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="last.pth / best.pth of a diffkd run, or a weight file with --model")
     parser.add_argument("--model", help="model name for a plain weight file (training checkpoints name their own)")
-    parser.add_argument("--dataset", choices=DATASET_NAMES,
-                        help="dataset to test on (default: the run's; fashion-mnist for plain weight files)")
+    parser.add_argument("--task", choices=TASK_NAMES,
+                        help="what the model predicts (default: the run's, or the exported file's; classification)")
+    parser.add_argument("--dataset", choices=ALL_DATASETS,
+                        help="dataset to test on (default: the run's, or the exported file's; fashion-mnist for "
+                             "plain weight files)")
     parser.add_argument("--data-dir", help="dataset folder (default: the run's, or the dataset's default)")
     parser.add_argument("-b", "--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
@@ -45,16 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(args: argparse.Namespace, info: dict, model_name: str | None) -> torch.nn.Module:
-    name = args.model or model_name
-    if name is None:
+def _test_settings(args: argparse.Namespace, recorded: dict) -> argparse.Namespace:
+    """The settings the test data and the model are built from: the run's (or the file's), the flags given here
+    win; the dataset's own defaults fill the rest."""
+    task = args.task or recorded.get("task") or "classification"
+    dataset = args.dataset or (recorded.get("dataset") if recorded.get("task", "classification") == task else None) \
+        or ("fashion-mnist" if task == "classification" else "fashion-scenes")
+    try:
+        check_task_and_dataset(task, dataset)
+    except UsageError as error:
+        raise UsageError(f"{error} (choose with --task / --dataset)") from None
+    settings, _ = train_parse_args(["--task", task, "--dataset", dataset])
+    if recorded.get("dataset") == dataset:
+        vars(settings).update({k: v for k, v in recorded.items() if k in ("data_dir", "image_size", "num_classes",
+                                                                            "fpn_channels", "val_subset")})
+    if args.data_dir:
+        settings.data_dir = args.data_dir
+    settings.student = args.model or recorded.get("student")
+    settings.batch_size, settings.grad_accum_steps, settings.eval_batch_size = 1, 1, args.batch_size
+    if settings.student is None:
         raise UsageError(f"{args.checkpoint} is a plain weight file that does not name its model: pass --model NAME "
                          f"(e.g. --model resnet8x4)")
-    try:
-        return create_model(name, num_classes=info["num_classes"], in_chans=info["in_chans"],
-                            checkpoint=args.checkpoint)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"model {name!r}: {error}") from None
+    return settings
 
 
 def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
@@ -64,10 +78,9 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
     content = load_file(path)
     checkpoint = as_training_checkpoint(content, path, required=False)
     run_args = checkpoint["args"] if checkpoint is not None else None
-    # A training checkpoint names its student and dataset; a file written by --export records them too.
-    recorded = run_args or ({"student": content.get("arch"), "dataset": content.get("dataset")}
-                            if isinstance(content, dict) else {})
-    model_name = recorded.get("student")
+    # A training checkpoint names its student, task and dataset; a file written by --export records them too.
+    recorded = run_args or ({"student": content.get("arch"), "dataset": content.get("dataset"),
+                             "task": content.get("task")} if isinstance(content, dict) else {})
     if args.export:
         export_path = Path(args.export)
         if checkpoint is None:
@@ -85,24 +98,21 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
                          "pass (without --no-eval)")
     if not args.evaluate:
         return None
-    dataset = args.dataset or recorded.get("dataset") or "fashion-mnist"
-    data_dir = args.data_dir or ((run_args or {}).get("data_dir") if dataset == (run_args or {}).get("dataset")
-                                 else None)
-    try:
-        _, val_ds, info = build_datasets(dataset, data_dir)
-        loader = build_loader(val_ds, args.batch_size, train=False, distributed=runtime.distributed)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"dataset {dataset}: {error}") from None
-    model = _load_model(args, info, model_name).to(runtime.device)
+    settings = _test_settings(args, recorded)
+    task = task_of(settings.task)
+    if args.diagnose is not None and task.name != "classification":
+        raise UsageError("--diagnose analyses the DiffKD heads of a classification run; this run is "
+                         f"{task.name}")
+    data = task.build_data(settings, runtime, test_only=True)
+    model = task.create_student(settings.student, data.info, str(path), args=settings).to(runtime.device)
     precision = Precision(runtime.device.type, torch.bfloat16 if args.amp else None)
-    metrics = ClassificationTask.evaluate(model, loader, runtime, precision, channels_last=False)
+    metrics = task.evaluate(model, data.val_loader, runtime, precision, channels_last=False)
     epoch = f" (epoch {checkpoint['epoch']})" if checkpoint is not None else ""
-    runtime.log(f"{path}{epoch}: {dataset} test top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
-                f"loss {metrics['loss']:.4f} on {len(val_ds)} images")
+    runtime.log(f"{path}{epoch}: {settings.dataset} test {task.describe(metrics)} on {data.val_size} images")
     if args.diagnose is not None:
         from diffkd.diagnose import run_diagnosis  # matplotlib loads only when asked for
         try:
-            run_diagnosis(checkpoint, batches=loader, info=info, folder=Path(args.diagnose or path.parent),
+            run_diagnosis(checkpoint, batches=data.val_loader, info=data.info, folder=Path(args.diagnose or path.parent),
                           title=f"{path.parent.name}/{path.name}{epoch}: NFE diagnosis", device=runtime.device,
                           log=runtime.log)
         except ValueError as error:

@@ -154,7 +154,7 @@ def test_eval_and_export_in_the_benchmark_format(data_dir, teacher_ckpt, tmp_pat
     code, out, err = run_cli(diffkd_eval, [checkpoint, "--export", exported, "--no-eval"], capsys)
     assert code == 0, err
     content = torch.load(exported, weights_only=True)
-    assert set(content) == {"model", "epoch", "accuracy", "arch", "dataset"}
+    assert set(content) == {"model", "epoch", "accuracy", "arch", "dataset", "task"}
     assert (content["arch"], content["dataset"], content["epoch"]) == ("resnet8", "fashion-mnist", 1)
     assert content["accuracy"] == pytest.approx(float(summary[-1]["val_top1"]), abs=1e-4)
     load_checkpoint(create_model("resnet8", num_classes=10, in_chans=1), exported, strict=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from diffkd.train.runtime import Runtime
 
 @dataclass
 class Data:
-    train_loader: torch.utils.data.DataLoader
+    train_loader: torch.utils.data.DataLoader | None  # None when only the test set was asked for
     val_loader: torch.utils.data.DataLoader
     info: dict
     micro_batch: int
@@ -37,12 +38,18 @@ class Data:
         return self.train_loader.sampler.num_samples // self.micro_batch
 
 
-def build_data(args: argparse.Namespace, runtime: Runtime) -> Data:
+def micro_batch_size(args: argparse.Namespace, runtime: Runtime) -> int:
+    """One process's batch of one forward pass: the global --batch-size over processes and accumulation steps."""
     per_step = runtime.world_size * args.grad_accum_steps
     if args.batch_size % per_step:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by processes × --grad-accum-steps "
                          f"= {runtime.world_size} × {args.grad_accum_steps}: it is the global batch of one step")
-    micro_batch = args.batch_size // per_step
+    return args.batch_size // per_step
+
+
+def build_data(args: argparse.Namespace, runtime: Runtime, *, test_only: bool = False) -> Data:
+    """The loaders of a classification run (``test_only``: the test loader alone, for evaluation)."""
+    micro_batch = micro_batch_size(args, runtime)
     try:
         train_ds, val_ds, info = build_datasets(args.dataset, args.data_dir, augment_seed=args.seed)
         if args.train_subset:
@@ -51,8 +58,8 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> Data:
             val_ds = subset(val_ds, min(args.val_subset, len(val_ds)), seed=args.seed)
         in_memory = args.dataset != "imagenet"
         workers = args.workers if args.workers is not None else (0 if in_memory else min(8, os.cpu_count() or 1))
-        train_loader = build_loader(train_ds, micro_batch, train=True, num_workers=workers,
-                                    distributed=runtime.distributed, seed=args.seed)
+        train_loader = None if test_only else build_loader(train_ds, micro_batch, train=True, num_workers=workers,
+                                                           distributed=runtime.distributed, seed=args.seed)
         val_loader = build_loader(val_ds, args.eval_batch_size or 2 * micro_batch, train=False,
                                   num_workers=workers, distributed=runtime.distributed)
     except (OSError, ValueError) as error:
@@ -60,7 +67,7 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> Data:
     return Data(train_loader, val_loader, info, micro_batch, len(train_ds), len(val_ds))
 
 
-def _create(name: str, role: str, info: dict, **kwargs) -> nn.Module:
+def create_classifier(name: str, role: str, info: dict, **kwargs) -> nn.Module:
     try:
         return create_model(name, num_classes=info["num_classes"], in_chans=info["in_chans"], **kwargs)
     except (OSError, ValueError) as error:
@@ -98,7 +105,7 @@ def build_model(args: argparse.Namespace, info: dict, runtime: Runtime) -> Disti
     check_backend(settings.backend if settings.head_kinds else None, runtime.device)
     input_size = (info["in_chans"], info["image_size"], info["image_size"])
     torch.manual_seed(args.seed)
-    student = _create(args.student, "student" if settings.head_kinds else "model", info)
+    student = create_classifier(args.student, "student" if settings.head_kinds else "model", info)
     teacher = None
     if settings.head_kinds:
         if not args.teacher:
@@ -108,7 +115,7 @@ def build_model(args: argparse.Namespace, info: dict, runtime: Runtime) -> Disti
             raise UsageError(f"the teacher {args.teacher!r} has no weights: pass --teacher-ckpt FILE or "
                              f"--teacher-pretrained. A randomly initialised teacher teaches nothing; train one with "
                              f"--method none --student {args.teacher}")
-        teacher = _create(args.teacher, "teacher", info, pretrained=args.teacher_pretrained,
+        teacher = create_classifier(args.teacher, "teacher", info, pretrained=args.teacher_pretrained,
                           checkpoint=args.teacher_ckpt)
     elif args.teacher or args.teacher_ckpt:
         runtime.log(f"note: method none trains {args.student} alone; the teacher settings are not used")
@@ -135,11 +142,16 @@ def graph_heads(model: Distiller, mode: str, device: torch.device, log) -> None:
     the path each head runs.  Call it after moving the model, before building the optimizer and wrapping in DDP."""
     check_cuda_graph(mode, device.type)
     graph = mode == "on" or (mode == "auto" and device.type == "cuda")
-    for name, head in model.heads.items():
+    uses = Counter(binding.head or name for name, binding in model.bindings.items())
+    for name, head in model.head_modules().items():
         if not isinstance(head, DiffKDHead):
             continue
+        if graph and uses[name] > 1:  # a graph replays one call per backward; a shared head is called per level
+            log(f"{name} head runs {head_path(head, device)} (shared by {uses[name]} levels, so not graphed)")
+            continue
         if graph:
-            head = model.heads[name] = CUDAGraphHead(head)
+            head = CUDAGraphHead(head)
+            model.heads.set_submodule(name, head)
         log(f"{name} head runs {head_path(head, device)}"
             f"{' (captured on its first step, checked against an eager step)' if graph else ''}")
 

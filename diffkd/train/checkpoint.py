@@ -70,6 +70,9 @@ def as_training_checkpoint(content, path: Path, *, required: bool = True) -> dic
         raise UsageError(f"{path} has checkpoint version {content.get('version')!r}; this diffkd reads versions "
                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     content.setdefault("step_in_epoch", 0)
+    for old_name, name in (("best_top1", "best"), ("teacher_top1", "teacher")):  # version 1 names
+        if old_name in content:
+            content.setdefault(name, content[old_name])
     return content
 
 
@@ -85,10 +88,12 @@ def describe_position(checkpoint: dict) -> str:
 
 def export_student(checkpoint: dict, path: Path) -> None:
     """The student of a training checkpoint alone, in the CIFAR benchmark's format: ``{"model": state_dict}``
-    plus ``epoch`` (completed epochs), ``accuracy`` (the last evaluated test top-1), ``arch`` (the model name) and
-    ``dataset`` (both read back by ``python -m diffkd.eval``); written atomically."""
-    evaluated = [row["val_top1"] for row in checkpoint["history"] if "val_top1" in row]
+    plus ``epoch`` (completed epochs), ``accuracy`` (the last test value of the task's metric: top-1, mAP or mIoU),
+    ``arch`` (the model name), ``dataset`` and ``task`` (read back by ``python -m diffkd.eval``); written atomically."""
+    from diffkd.train.tasks import task_of
+    key = "val_" + task_of(checkpoint["args"].get("task", "classification")).metric
+    evaluated = [row[key] for row in checkpoint["history"] if key in row]
     content = {"model": checkpoint["student"], "epoch": checkpoint["epoch"],
                "accuracy": evaluated[-1] if evaluated else float("nan"), "arch": checkpoint["args"]["student"],
-               "dataset": checkpoint["args"]["dataset"]}
+               "dataset": checkpoint["args"]["dataset"], "task": checkpoint["args"].get("task", "classification")}
     save_atomically(content, path)

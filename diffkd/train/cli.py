@@ -12,10 +12,15 @@ from collections.abc import Sequence
 import yaml
 
 from diffkd.data import DATASET_NAMES
+from diffkd.data.recipes import DETECTION_DATASET_NAMES, SEGMENTATION_DATASET_NAMES
 from diffkd.distill import HEAD_SELECTIONS, LOGIT_DISTANCES, METHODS
 from diffkd.schedule import TIMESTEP_STARTS
 from diffkd.train.errors import UsageError
+from diffkd.train.tasks import TASK_NAMES
 from kernels._common import BACKENDS
+
+DENSE_DATASETS = {"detection": DETECTION_DATASET_NAMES, "segmentation": SEGMENTATION_DATASET_NAMES}
+ALL_DATASETS = tuple(dict.fromkeys([*DATASET_NAMES, *DETECTION_DATASET_NAMES, *SEGMENTATION_DATASET_NAMES]))
 
 # Flags that steer the command itself, not the run: a config file cannot set them.
 COMMAND_ONLY = ("config", "resume", "help")
@@ -26,6 +31,8 @@ RECORDED_ONLY = ("teacher_ckpt_sha256",)
 
 # The optimisation recipe each dataset starts from; any value can be changed by a config or a flag.
 # cifar100: recipe A1 of the paper; imagenet: recipe B1 of the paper; fashion-mnist: ours (small models, cosine).
+# Detection and segmentation recipes are keyed "<task>:<dataset>": COCO and image/mask folders follow
+# torchvision's reference recipes (poly decay replaced by cosine); the scene demos are ours, sized for a CPU.
 RECIPES = {
     "cifar100": dict(epochs=240, batch_size=64, lr=0.05, nesterov=False, weight_decay=5e-4, decay_norm_bias=True,
                      sched="multistep", decay_milestones=[150, 180, 210]),
@@ -33,6 +40,14 @@ RECIPES = {
                      sched="step", decay_epochs=30),
     "fashion-mnist": dict(epochs=15, batch_size=64, lr=0.1, nesterov=False, weight_decay=5e-4, decay_norm_bias=True,
                           sched="cosine"),
+    "detection:coco": dict(epochs=26, batch_size=16, lr=0.02, nesterov=False, weight_decay=1e-4,
+                           decay_norm_bias=True, sched="multistep", decay_milestones=[16, 22]),
+    "segmentation:segfolder": dict(epochs=30, batch_size=32, lr=0.02, nesterov=False, weight_decay=1e-4,
+                                   decay_norm_bias=True, sched="cosine"),
+    "detection:fashion-scenes": dict(epochs=12, batch_size=8, lr=0.02, nesterov=False, weight_decay=1e-4,
+                                     decay_norm_bias=True, sched="cosine"),
+    "segmentation:fashion-scenes": dict(epochs=12, batch_size=8, lr=0.02, nesterov=False, weight_decay=1e-4,
+                                        decay_norm_bias=True, sched="cosine"),
 }
 # Recipe settings a dataset's recipe leaves alone.
 RECIPE_FALLBACKS = dict(decay_milestones=[150, 180, 210], decay_epochs=30)
@@ -127,15 +142,25 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
     add = parser.add_argument
     add("-c", "--config", help="YAML file of defaults (keys: flag names with underscores); flags given here win")
 
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES,
-                       help="dataset; also selects the augmentation and the default training recipe")
+    group = parser.add_argument_group("task and data")
+    group.add_argument("--task", default="classification", choices=TASK_NAMES,
+                       help="what the models predict: classes, boxes (torchvision detectors, distilled on every FPN "
+                            "level) or class maps (DeepLabV3 / LR-ASPP, distilled on the class-score map)")
+    group.add_argument("--dataset", default="fashion-mnist", choices=ALL_DATASETS,
+                       help="dataset; also selects the augmentation and the default training recipe. Detection: "
+                            "fashion-scenes (scenes of real Fashion-MNIST items) or coco (COCO-format folders); "
+                            "segmentation: fashion-scenes or segfolder (images/ and masks/ folders)")
     group.add_argument("--data-dir", help="dataset folder (Fashion-MNIST defaults to the Debian package's)")
     group.add_argument("--train-subset", type=positive_int,
                        help="train on a fixed, class-balanced subset of this many training images")
     group.add_argument("--val-subset", type=positive_int, help="evaluate on a fixed subset of this many images")
     group.add_argument("--workers", type=int, help="data loader processes (default: 0 for in-memory datasets, "
-                                                   "up to 8 for ImageNet)")
+                                                   "up to 8 for ImageNet and image folders)")
+    group.add_argument("--image-size", type=positive_int,
+                       help="fashion-scenes: the side of the scenes (default 128); coco: the side detectors "
+                            "resize images to (e.g. 800); segfolder: the training crop")
+    group.add_argument("--num-classes", type=positive_int,
+                       help="segfolder: classes including the background (default: from its classes.txt)")
 
     group = parser.add_argument_group("models")
     group.add_argument("--student", help="student model: a CIFAR zoo name (resnet8x4, wrn_16_2, ...) or a timm name")
@@ -148,6 +173,11 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
     group.add_argument("--student-feature", help="module whose output is the student's feature map "
                                                  "(default: found by a dry forward pass)")
     group.add_argument("--teacher-feature", help="as --student-feature, for the teacher")
+    group.add_argument("--fpn-channels", type=positive_int, default=256,
+                       help="detection: channels of every FPN level, student and teacher alike")
+    group.add_argument("--share-head", action=argparse.BooleanOptionalAction, default=False,
+                       help="detection: one distillation head shared by all FPN levels instead of one per level "
+                            "(the paper does not say which it used)")
 
     group = parser.add_argument_group("method (unset loss weights take the paper's values for the dataset)")
     group.add_argument("--method", default="diffkd", choices=METHODS,
@@ -302,16 +332,31 @@ def _config_tokens(path: str, parser: argparse.ArgumentParser) -> tuple[list[str
 
 # The demo's settings (configs/demo.yaml spells out the same): a teacher on all of Fashion-MNIST, then a smaller
 # student on a small labelled subset, alone and with DiffKD, over two seeds.
-DEMO_DEFAULTS = {
+DEMO_DEFAULTS = {"classification": {
     "dataset": "fashion-mnist", "teacher": "resnet14", "student": "resnet8", "method": "diffkd",
     "epochs": 5, "batch_size": 64, "lr": 0.1, "sched": "cosine", "weight_decay": 5e-4, "eval_interval": 5,
     "train_subset": 2000, "threads": 1, "demo_seeds": [0, 1], "demo_teacher_epochs": 1, "demo_teacher_subset": 24000,
-}
+}}
+
+
+def check_task_and_dataset(task: str, dataset: str) -> None:
+    """Refuses a --dataset that has no targets for --task."""
+    fitting = DATASET_NAMES if task == "classification" else DENSE_DATASETS[task]
+    if dataset in fitting:
+        return
+    dense_tasks = [name for name, names in DENSE_DATASETS.items() if dataset in names]
+    hint = (f"--dataset {dataset} holds {' and '.join(dense_tasks)} targets: add --task {dense_tasks[0]}"
+            if task == "classification" else f"--task {task} needs one of the datasets {', '.join(fitting)}")
+    raise UsageError(f"--task {task} does not fit --dataset {dataset}; {hint}")
+
+
+def recipe_key(task: str, dataset: str) -> str:
+    return dataset if task == "classification" else f"{task}:{dataset}"
 
 
 def apply_recipe(args: argparse.Namespace) -> None:
-    """Fills the optimisation settings left unset with the dataset's recipe."""
-    recipe = {**RECIPE_FALLBACKS, **RECIPES[args.dataset]}
+    """Fills the optimisation settings left unset with the recipe of the task's dataset."""
+    recipe = {**RECIPE_FALLBACKS, **RECIPES[recipe_key(args.task, args.dataset)]}
     for key in (*RECIPE_KEYS, *RECIPE_FALLBACKS):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
@@ -331,8 +376,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, set[str]]:
         build_parser(config_path=given["config"]).parse_args(config_tokens)
     args = parser.parse_args(config_tokens + argv)
     if args.demo:
-        for key, value in DEMO_DEFAULTS.items():
+        for key, value in DEMO_DEFAULTS[args.task].items():
             if key not in explicit:
                 setattr(args, key, value)
+    check_task_and_dataset(args.task, args.dataset)
     apply_recipe(args)
     return args, explicit

@@ -1,4 +1,5 @@
-"""The Fashion-MNIST demo (``python -m diffkd.train`` with no arguments) and its teacher cache.
+"""The demos (``python -m diffkd.train`` with no arguments: Fashion-MNIST classification; ``--demo --task
+detection|segmentation``: the Fashion-scenes demos) and their teacher cache.
 
 A teacher is trained briefly (or reused from ``$DIFFKD_CACHE/teachers``), then a smaller student is trained alone
 and with DiffKD for each seed, and a table compares them.  Everything lands in one demo folder; ``--demo --resume
@@ -27,8 +28,13 @@ from diffkd.train.resume import resolve_new_run, resolve_resume
 from diffkd.train.run_folder import RunFolder, stored_args
 from diffkd.train.runs import run
 from diffkd.train.runtime import Runtime, setup_runtime
+from diffkd.train.tasks import task_of
 
 CACHE_ENV = "DIFFKD_CACHE"
+# Per task: the table's title, what it measures, what the data are.
+DEMO_LABELS = {"classification": ("Fashion-MNIST demo", "test top-1 (%)", "images"),
+               "detection": ("Fashion-scenes detection demo", "test box mAP@[.5:.95] (%)", "scenes"),
+               "segmentation": ("Fashion-scenes segmentation demo", "test mIoU (%)", "scenes")}
 DEMO_SETTINGS = "demo.yaml"
 # Settings that shape the demo's teacher: its cache key.
 TEACHER_RECIPE = ("dataset", "student", "epochs", "train_subset", "batch_size", "lr", "opt", "momentum", "nesterov",
@@ -62,10 +68,10 @@ def _run_args(base: argparse.Namespace, **changes) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
-def _result_of_finished(folder: RunFolder, checkpoint: dict) -> RunResult:
-    key = "val_top1"
+def _result_of_finished(folder: RunFolder, checkpoint: dict, metric: str) -> RunResult:
+    key = f"val_{metric}"
     last = next((row[key] for row in reversed(checkpoint["history"]) if key in row), float("nan"))
-    return RunResult(folder, last, checkpoint["best_top1"], checkpoint["best_epoch"], checkpoint["teacher_top1"],
+    return RunResult(folder, last, checkpoint["best"], checkpoint["best_epoch"], checkpoint["teacher"],
                      checkpoint.get("test_images", 0), finished=True)
 
 
@@ -77,7 +83,7 @@ def _sub_run(run_args: argparse.Namespace, runtime: Runtime, argv: Sequence[str]
         checkpoint = read_checkpoint(folder.last)
         if checkpoint["epoch"] >= checkpoint["args"]["epochs"]:
             runtime.log(f"== {label}: finished earlier, skipped ({folder})")
-            return _result_of_finished(folder, checkpoint)
+            return _result_of_finished(folder, checkpoint, task_of(run_args.task).metric)
         runtime.log(f"== {label}: continuing the interrupted run")
         request = argparse.Namespace(resume=str(folder.path), max_steps=run_args.max_steps)
         merged, checkpoint, notes = resolve_resume(request, set())
@@ -96,7 +102,8 @@ def _demo_teacher(args: argparse.Namespace, folder: Path, runtime: Runtime, argv
                              teacher_ckpt_sha256=None, epochs=args.demo_teacher_epochs,
                              train_subset=args.demo_teacher_subset, eval_interval=args.demo_teacher_epochs,
                              seed=args.demo_seeds[0], output=str(folder), experiment="teacher")
-    recipe = {k: getattr(teacher_args, k) for k in TEACHER_RECIPE}
+    dense = ("task", "fpn_channels", "image_size") if args.task != "classification" else ()
+    recipe = {k: getattr(teacher_args, k) for k in (*TEACHER_RECIPE, *dense)}
     key = hashlib.sha256(repr(sorted(recipe.items())).encode()).hexdigest()[:12]
     cached = cache_folder() / "teachers" / f"{args.dataset}-{args.teacher}-{key}.pth"
     if cached.is_file():
@@ -177,25 +184,27 @@ def run_demo(args: argparse.Namespace, explicit: set[str], argv: Sequence[str]) 
     if runtime.is_main:
         write_text_atomically(folder / "results.txt", table + "\n")
         from diffkd.plots import plot_demo_comparison
-        plot_demo_comparison({"alone": [(seed, r.last_top1) for seed, r in zip(args.demo_seeds, results["none"])],
-                              "with DiffKD": [(seed, r.last_top1) for seed, r in zip(args.demo_seeds,
+        plot_demo_comparison({"alone": [(seed, r.last) for seed, r in zip(args.demo_seeds, results["none"])],
+                              "with DiffKD": [(seed, r.last) for seed, r in zip(args.demo_seeds,
                                                                                       results["diffkd"])]},
-                             folder / "comparison.png", title=f"{folder.name}: {args.student} on {args.dataset}")
+                             folder / "comparison.png", title=f"{folder.name}: {args.student} on {args.dataset}",
+                             ylabel=DEMO_LABELS[args.task][1])
     return table, runtime
 
 
 def _table(args: argparse.Namespace, results: dict[str, list[RunResult]], reused: bool, folder: Path,
            wall_s: float) -> str:
-    alone = [r.last_top1 for r in results["none"]]
-    distilled = [r.last_top1 for r in results["diffkd"]]
+    alone = [r.last for r in results["none"]]
+    distilled = [r.last for r in results["diffkd"]]
     capped = not all(r.finished for runs in results.values() for r in runs)
     minutes, seconds = divmod(round(wall_s), 60)
+    title, metric, images = DEMO_LABELS[args.task]
     lines = [
-        f"Fashion-MNIST demo: test top-1 (%) after the last epoch, on {results['none'][0].test_images} test images"
+        f"{title}: {metric} after the last epoch, on {results['none'][0].test_images} test {images}"
         + (" (runs stopped by --max-steps: smoke numbers)" if capped else ""),
-        f"  teacher {args.teacher} ({args.demo_teacher_subset or 'all'} training images, {args.demo_teacher_epochs} "
-        f"epoch(s)){' [cached]' if reused else ''}: {results['diffkd'][0].teacher_top1:.2f}",
-        f"  student {args.student} ({args.train_subset or 'all'} training images, {args.epochs} epochs), mean ± std "
+        f"  teacher {args.teacher} ({args.demo_teacher_subset or 'all'} training {images}, {args.demo_teacher_epochs} "
+        f"epoch(s)){' [cached]' if reused else ''}: {results['diffkd'][0].teacher:.2f}",
+        f"  student {args.student} ({args.train_subset or 'all'} training {images}, {args.epochs} epochs), mean ± std "
         f"over seeds {', '.join(map(str, args.demo_seeds))}:",
         f"    alone        {_mean_spread(alone):>13}   per seed: {', '.join(f'{v:.2f}' for v in alone)}",
         f"    with DiffKD  {_mean_spread(distilled):>13}   per seed: {', '.join(f'{v:.2f}' for v in distilled)}",

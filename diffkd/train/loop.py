@@ -20,14 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from diffkd.train.build import build_data, build_model, build_optimizer, graph_heads, lr_factor_schedule
+from diffkd.train.build import build_optimizer, graph_heads, lr_factor_schedule
 from diffkd.train.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, capture_rng_state, describe_position,
                                      restore_rng_state)
 from diffkd.train.cli import interval_seconds_or_steps
 from diffkd.train.errors import DivergedError, RunInterrupted, UsageError
 from diffkd.train.run_folder import RunFolder, stored_args
 from diffkd.train.runtime import Precision, Runtime, StopRequest, environment_report
-from diffkd.train.tasks import ClassificationTask, EvaluationInterrupted
+from diffkd.train.tasks import EvaluationInterrupted, task_of
 from diffkd.files import save_atomically
 from diffkd.graphs import CUDAGraphHead
 
@@ -39,10 +39,10 @@ MAX_SKIPPED_IN_A_ROW = 25
 @dataclass(frozen=True)
 class RunResult:
     folder: RunFolder
-    last_top1: float  # the last test top-1 (%): after the last epoch, or where --max-steps stopped the run
-    best_top1: float
+    last: float  # the last test value of the task's metric: after the last epoch, or where --max-steps stopped
+    best: float
     best_epoch: int
-    teacher_top1: float | None
+    teacher: float | None
     test_images: int
     finished: bool  # all epochs done
 
@@ -78,14 +78,13 @@ class EpochAccumulator:
 class Trainer:
     """One run: builds it from its settings (or a checkpoint), trains, evaluates and checkpoints it."""
 
-    task = ClassificationTask
-
     def __init__(self, args: argparse.Namespace, runtime: Runtime, folder: RunFolder, argv: Sequence[str],
                  checkpoint: dict | None = None, stop: StopRequest | None = None):
         self.args, self.runtime, self.folder = args, runtime, folder
         self.stop = stop or StopRequest()
-        self.data = build_data(args, runtime)
-        self.model = build_model(args, self.data.info, runtime)
+        self.task = task_of(args.task)
+        self.data = self.task.build_data(args, runtime)
+        self.model = self.task.build_model(args, self.data.info, runtime)
         self.model.to(runtime.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -103,8 +102,8 @@ class Trainer:
         self.interval_s, self.interval_steps = interval_seconds_or_steps(args.checkpoint_interval)
         self.history: list[dict] = []
         self.epoch = self.step_in_epoch = self.global_step = 0  # position: completed epochs, steps into the next
-        self.best_top1, self.best_epoch = -1.0, 0
-        self.teacher_top1: float | None = None
+        self.best, self.best_epoch = -1.0, 0  # the best test value of the task's metric, and its epoch
+        self.teacher_value: float | None = None
         self.accumulator = EpochAccumulator(runtime.device)
         self.skipped_total = 0
         self.steps_this_invocation = 0
@@ -143,17 +142,16 @@ class Trainer:
             log(f"note: the last {dropped} batch(es) of each epoch do not fill an accumulation step and are skipped")
 
     def measure_teacher(self) -> None:
-        if self.model.teacher is None or self.teacher_top1 is not None:
+        if self.model.teacher is None or self.teacher_value is not None:
             return
         metrics = self.task.evaluate(self.model.teacher, self.data.val_loader, self.runtime, self.precision,
                                      self.args.channels_last, self.stop)
-        self.teacher_top1 = metrics[self.task.metric]
-        chance = 100 / self.data.info["num_classes"]
+        self.teacher_value = metrics[self.task.metric]
         self.runtime.log(f"teacher {self.args.teacher}: {self.task.describe(metrics)} on {self.data.val_size} test "
                          f"images")
-        if metrics["top1"] < 2 * chance:
-            self.runtime.log(f"warning: the teacher is near chance level ({chance:.1f}%): are --teacher-ckpt and "
-                             f"--dataset right?")
+        warning = self.task.near_chance(metrics, self.data.info)
+        if warning:
+            self.runtime.log(warning)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _gather_rng(self) -> list[dict]:
@@ -173,8 +171,8 @@ class Trainer:
             "student": self.model.student.state_dict(), "heads": self.model.heads.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": self._gather_rng(), "history": self.history,
-            "epoch_state": self.accumulator.state(), "best_top1": self.best_top1, "best_epoch": self.best_epoch,
-            "teacher_top1": self.teacher_top1, "skipped_steps": self.skipped_total,
+            "epoch_state": self.accumulator.state(), "best": self.best, "best_epoch": self.best_epoch,
+            "teacher": self.teacher_value, "skipped_steps": self.skipped_total, "test_images": self.data.val_size,
         }
         self.last_checkpoint_time = time.monotonic()
         self.last_checkpoint_step = self.global_step
@@ -198,8 +196,8 @@ class Trainer:
         self.global_step = checkpoint["global_step"]
         self.history = list(checkpoint["history"])
         self.accumulator = EpochAccumulator(self.runtime.device, checkpoint.get("epoch_state"))
-        self.best_top1, self.best_epoch = checkpoint["best_top1"], checkpoint["best_epoch"]
-        self.teacher_top1 = checkpoint["teacher_top1"]
+        self.best, self.best_epoch = checkpoint["best"], checkpoint["best_epoch"]
+        self.teacher_value = checkpoint["teacher"]
         self.skipped_total = checkpoint.get("skipped_steps", 0)
         rng_states = checkpoint["rng"]
         if len(rng_states) == self.runtime.world_size:
@@ -209,8 +207,9 @@ class Trainer:
                              f"{self.runtime.world_size}: random streams restart from --seed, so the run continues "
                              f"but not bit-identically")
             torch.manual_seed(self.args.seed + self.runtime.rank)
-        self.runtime.log(f"resumed at {describe_position(checkpoint)} (step {self.global_step}); best top-1 so far "
-                         f"{self.best_top1:.2f}% (epoch {self.best_epoch})")
+        best = (f"best {self.task.metric_label} so far {self.best:.2f} (epoch {self.best_epoch})" if self.best_epoch
+                else "no epoch tested yet")
+        self.runtime.log(f"resumed at {describe_position(checkpoint)} (optimizer step {self.global_step}); {best}")
 
     # ---- finiteness, lazily -------------------------------------------------------------------------------
     def _reset_device_counters(self) -> None:
@@ -303,7 +302,7 @@ class Trainer:
 
     def _report_graphed_heads(self) -> None:
         """After the first step, what each graphed head actually ran (a failed capture or self-check falls back)."""
-        for name, head in self.model.heads.items():
+        for name, head in self.model.head_modules().items():
             if isinstance(head, CUDAGraphHead):
                 reason = f" ({head.fallback_reason})" if head.fallback_reason else ""
                 self.runtime.log(f"{name} head ran {head.path} in the first step{reason}")
@@ -316,7 +315,7 @@ class Trainer:
         if progress_rate is not None:
             self._check_finite()
             runtime.log(f"epoch {self.epoch + 1}/{args.epochs} step {self.step_in_epoch}/{self.steps_per_epoch} "
-                        f"loss {out['loss'].item():.4f} ce {out['ce_loss'].item():.4f} "
+                        f"loss {out['loss'].item():.4f} {self.task.task_loss} {out[self.task.task_loss].item():.4f} "
                         f"lr {self.optimizer.param_groups[0]['lr']:.4g} {progress_rate:.0f} img/s")
         if args.max_steps is not None and self.steps_this_invocation >= args.max_steps and not epoch_done:
             return "max-steps"  # at an epoch end the epoch closes first
@@ -370,9 +369,9 @@ class Trainer:
             val = self.task.evaluate(self.model.student, self.data.val_loader, runtime, self.precision,
                                      args.channels_last, self.stop)
             row.update({f"val_{k}": v for k, v in val.items()})
-        is_best = row.get("val_" + self.task.metric, -1.0) > self.best_top1
+        is_best = row.get("val_" + self.task.metric, -1.0) > self.best
         if is_best:
-            self.best_top1, self.best_epoch = row["val_" + self.task.metric], epoch
+            self.best, self.best_epoch = row["val_" + self.task.metric], epoch
         self.history.append(row)
         self.epoch, self.step_in_epoch = epoch, 0
         self.accumulator = EpochAccumulator(runtime.device)
@@ -408,18 +407,30 @@ class Trainer:
                     return self._pause("max-steps")
         except EvaluationInterrupted:
             return self._pause("stop")
-        last = self._last_evaluated()
-        teacher = f"; teacher {self.teacher_top1:.2f}%" if self.teacher_top1 is not None else ""
-        runtime.log(f"final: last-epoch top-1 {last:.2f}% (epoch {self.epoch}), best top-1 {self.best_top1:.2f}% "
+        last, label = self._last_evaluated(), self.task.metric_label
+        teacher = f"; teacher {self.teacher_value:.2f}" if self.teacher_value is not None else ""
+        self._draw_predictions()
+        runtime.log(f"final: last-epoch {label} {last:.2f} (epoch {self.epoch}), best {label} {self.best:.2f} "
                     f"(epoch {self.best_epoch}){teacher}; outputs in {self.folder}")
         return self._result(last, finished=True)
+
+    def _draw_predictions(self) -> None:
+        """plots/predictions.png for detection and segmentation: a few test images, the student's predictions
+        and the teacher's."""
+        if not (self.runtime.is_main and hasattr(self.task, "draw")):
+            return
+        models = {"student": self.model.student}
+        if self.model.teacher is not None:
+            models = {"teacher": self.model.teacher, **models}
+        self.task.draw(models, self.data.val_loader.dataset, self.data.info, self.runtime.device,
+                       self.folder.path / "plots" / "predictions.png")
 
     def _last_evaluated(self) -> float:
         key = "val_" + self.task.metric
         return next((row[key] for row in reversed(self.history) if key in row), float("nan"))
 
     def _result(self, last: float, finished: bool) -> RunResult:
-        return RunResult(self.folder, last, self.best_top1, self.best_epoch, self.teacher_top1, self.data.val_size,
+        return RunResult(self.folder, last, self.best, self.best_epoch, self.teacher_value, self.data.val_size,
                          finished)
 
     def _pause(self, reason: str) -> RunResult:

@@ -91,7 +91,8 @@ def resolve_resume(args: argparse.Namespace, explicit: set[str]) -> tuple[argpar
         raise UsageError(f"--resume: {folder} holds neither {LAST} nor args.yaml, so there is no run to continue; "
                          f"start one with the flags you want (and --experiment {folder.path.name})")
     saved.pop("max_steps", None)  # runs of older versions recorded it; it caps one invocation only
-    defaults = build_parser().parse_args(["--dataset", saved.get("dataset", "fashion-mnist")])
+    defaults = build_parser().parse_args(["--dataset", saved.get("dataset", "fashion-mnist"),
+                                          "--task", saved.get("task", "classification")])
     apply_recipe(defaults)
     merged = argparse.Namespace(**{**vars(defaults), **saved})
     merged.threads = merged.threads or default_threads()

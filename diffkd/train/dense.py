@@ -1,0 +1,276 @@
+"""Detection and segmentation in the loop (``--task detection|segmentation``): torchvision detectors distilled on
+every FPN level, DeepLabV3 / LR-ASPP distilled on their class-score maps, with COCO mAP and mIoU on the test set.
+
+Models are named like torchvision's builders: detectors ``fasterrcnn_resnet50_fpn``, ``retinanet_resnet18_fpn``,
+``fcos_resnet34_fpn`` (any of ResNet-18 … 152), segmenters ``deeplabv3_resnet50``,
+``deeplabv3_mobilenet_v3_large``, ``lraspp_mobilenet_v3_large``.  Weights are random, or a teacher's come from
+``--teacher-ckpt`` (loaded strictly); nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from diffkd.data import build_loader, subset
+from diffkd.data.dense import detection_collate, segmentation_collate
+from diffkd.data.recipes import build_dense_datasets
+from diffkd.data.scenes import SceneConfig
+from diffkd.distill import SETTING_NAMES, build_detection_distiller, build_segmentation_distiller, method_settings
+from diffkd.metrics import DetectionEvaluator, SegmentationMetric
+from diffkd.models.detection import DETECTION_BACKBONES, DETECTORS, build_detector, evaluate_detection
+from diffkd.models.segmentation import SEGMENTERS, build_segmenter, evaluate_segmentation, score_map_output
+from diffkd.train.build import Data, check_backend, micro_batch_size
+from diffkd.train.errors import UsageError
+from diffkd.train.runtime import Precision, Runtime, StopRequest
+from diffkd.train.tasks import move_images, stoppable
+
+# Scenes generated when --train-subset / --val-subset do not say (fashion-scenes).
+DEFAULT_SCENES = {"train": 2000, "test": 500}
+PREDICTION_IMAGES = 4  # test images drawn in plots/predictions.png
+
+
+def _dense_data(args: argparse.Namespace, runtime: Runtime, task: str, collate, test_only: bool) -> Data:
+    micro_batch = micro_batch_size(args, runtime)
+    try:
+        options = {}
+        if args.dataset == "fashion-scenes":
+            # Scene i depends only on its index, so N scenes are the first N of any larger set.
+            options = dict(train_scenes=args.train_subset or DEFAULT_SCENES["train"],
+                           test_scenes=args.val_subset or DEFAULT_SCENES["test"])
+            if args.image_size:
+                options["config"] = SceneConfig(image_size=args.image_size)
+        elif args.dataset == "segfolder":
+            options = dict(num_classes=args.num_classes, crop_size=args.image_size)
+        train_ds, val_ds, info = build_dense_datasets(task, args.dataset, args.data_dir, augment_seed=args.seed,
+                                                      **options)
+        if args.dataset != "fashion-scenes":
+            if args.train_subset:
+                train_ds = subset(train_ds, min(args.train_subset, len(train_ds)), seed=args.seed)
+            if args.val_subset:
+                val_ds = subset(val_ds, min(args.val_subset, len(val_ds)), seed=args.seed)
+        workers = args.workers if args.workers is not None else (0 if args.dataset == "fashion-scenes"
+                                                                 else min(8, os.cpu_count() or 1))
+        train_loader = None if test_only else build_loader(train_ds, micro_batch, train=True, num_workers=workers,
+                                                           distributed=runtime.distributed, seed=args.seed,
+                                                           collate_fn=collate)
+        val_loader = build_loader(val_ds, args.eval_batch_size or 2 * micro_batch, train=False, num_workers=workers,
+                                  distributed=runtime.distributed, collate_fn=collate)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"dataset {args.dataset} ({task}): {error}") from None
+    info.setdefault("image_size", args.image_size)
+    return Data(train_loader, val_loader, info, micro_batch, len(train_ds), len(val_ds))
+
+
+def _settings(args: argparse.Namespace, task: str):
+    values = {name: getattr(args, name) for name in SETTING_NAMES if name != "method"}
+    try:
+        settings = method_settings(args.method, args.dataset, task=task, **values)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return settings
+
+
+def _record(args: argparse.Namespace, settings) -> None:
+    for name in SETTING_NAMES:  # the resolved method settings go into args.yaml
+        setattr(args, name, getattr(settings, name))
+
+
+def _teacher_file(args: argparse.Namespace, settings) -> str | None:
+    if settings.method == "none":
+        return None
+    if not args.teacher or not args.teacher_ckpt:
+        raise UsageError(f"method {args.method!r} needs --teacher and --teacher-ckpt (a trained {args.task} model; "
+                         f"train one with --method none --student NAME); use --method none to train a model alone")
+    return args.teacher_ckpt
+
+
+def _built(what: str, build):
+    try:
+        return build()
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{what}: {error}") from None
+
+
+class DenseTask:
+    """What detection and segmentation share: lists of targets, no per-batch accuracy, no chance level."""
+
+    task_loss = "ce_loss"
+
+    @staticmethod
+    def batch_size(targets) -> int:
+        return len(targets)
+
+    @staticmethod
+    def train_metrics(out: dict, targets) -> dict:
+        return {}
+
+    @staticmethod
+    def near_chance(metrics: dict, info: dict) -> str | None:
+        return None
+
+
+def parse_detector(name: str) -> tuple[str, str]:
+    """("fasterrcnn", "resnet18") from "fasterrcnn_resnet18_fpn"."""
+    parts = name.split("_")
+    if len(parts) != 3 or parts[0] not in DETECTORS or parts[1] not in DETECTION_BACKBONES or parts[2] != "fpn":
+        examples = ", ".join(f"{architecture}_resnet50_fpn" for architecture in DETECTORS)
+        raise UsageError(f"unknown detector {name!r}: detectors are named <detector>_<backbone>_fpn, e.g. {examples} "
+                         f"(backbones {', '.join(DETECTION_BACKBONES)})")
+    return parts[0], parts[1]
+
+
+class DetectionTask(DenseTask):
+    name = "detection"
+    metric = "map"
+    metric_label = "mAP"
+    task_loss = "detection_loss"
+
+    @staticmethod
+    def build_data(args: argparse.Namespace, runtime: Runtime, *, test_only: bool = False) -> Data:
+        return _dense_data(args, runtime, "detection", detection_collate, test_only)
+
+    @staticmethod
+    def create_student(name: str, info: dict, checkpoint: str | None = None, *, args=None) -> nn.Module:
+        architecture, backbone = parse_detector(name)
+        size = info.get("image_size") or (args.image_size if args is not None else None)
+        if not size:
+            raise UsageError(f"detector {name}: pass --image-size (the side images are resized to, e.g. 800 for "
+                             f"COCO)")
+        options = dict(num_classes=info["num_classes"], image_size=size,
+                       fpn_channels=getattr(args, "fpn_channels", None) or 256)
+        if "mean" in info:
+            options.update(image_mean=info["mean"], image_std=info["std"])
+        return _built(f"detector {name!r}", lambda: build_detector(architecture, backbone, checkpoint=checkpoint,
+                                                                     **options))
+
+    @classmethod
+    def build_model(cls, args: argparse.Namespace, info: dict, runtime: Runtime) -> nn.Module:
+        if not args.student:
+            raise UsageError("--student is required, e.g. --student fasterrcnn_resnet18_fpn")
+        settings = _settings(args, "detection")
+        check_backend(settings.backend if settings.method == "diffkd" else None, runtime.device)
+        torch.manual_seed(args.seed)
+        student = cls.create_student(args.student, info, args=args)
+        teacher_file = _teacher_file(args, settings)
+        teacher = cls.create_student(args.teacher, info, teacher_file, args=args) if teacher_file else None
+        distiller = _built("detection distillation", lambda: build_detection_distiller(
+            settings, student, teacher, image_size=info.get("image_size") or args.image_size,
+            share_head=args.share_head, log=runtime.log))
+        _record(args, settings)
+        return distiller
+
+    @staticmethod
+    def to_device(batch, device: torch.device, channels_last: bool):
+        images, targets = batch
+        return ([image.to(device, non_blocking=True) for image in images],
+                [{key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                  for key, value in target.items()} for target in targets])
+
+    @staticmethod
+    def describe(metrics: dict) -> str:
+        return f"mAP {metrics['map']:.2f}, mAP@.5 {metrics['map50']:.2f}"
+
+    @staticmethod
+    def evaluate(model: nn.Module, loader, runtime: Runtime, precision: Precision, channels_last: bool,
+                 stop: StopRequest | None = None) -> dict:
+        """COCO box mAP@[.5:.95] and mAP@.5 (%) of ``model`` on the loader's images, over all processes."""
+        evaluator = DetectionEvaluator.for_dataset(loader.dataset)
+        result = evaluate_detection(model, stoppable(loader, runtime, stop), runtime.device, precision.autocast)
+        evaluator.update(result["predictions"], result["image_ids"])
+        if runtime.distributed:
+            states: list = [None] * runtime.world_size
+            dist.all_gather_object(states, evaluator.state())
+            evaluator = DetectionEvaluator.for_dataset(loader.dataset)
+            for state in states:
+                evaluator.merge_state(state)
+        return evaluator.compute()
+
+    @staticmethod
+    def draw(models: dict[str, nn.Module], dataset, info: dict, device: torch.device, path: Path) -> None:
+        from diffkd.plots_dense import draw_detections
+        samples = [dataset[index] for index in range(min(PREDICTION_IMAGES, len(dataset)))]
+        images = [image for image, _ in samples]
+        predictions = {}
+        for label, model in models.items():
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                predictions[label] = [{k: v.cpu() for k, v in p.items()}
+                                      for p in model([image.to(device) for image in images])]
+            model.train(was_training)
+        draw_detections(images, [target for _, target in samples], predictions, path, info["classes"])
+
+
+class SegmentationTask(DenseTask):
+    name = "segmentation"
+    metric = "miou"
+    metric_label = "mIoU"
+
+    @staticmethod
+    def build_data(args: argparse.Namespace, runtime: Runtime, *, test_only: bool = False) -> Data:
+        return _dense_data(args, runtime, "segmentation", segmentation_collate, test_only)
+
+    @staticmethod
+    def create_student(name: str, info: dict, checkpoint: str | None = None, *, args=None) -> nn.Module:
+        if name not in SEGMENTERS:
+            raise UsageError(f"unknown segmentation model {name!r}; choose one of {', '.join(SEGMENTERS)}")
+        return _built(f"segmentation model {name!r}",
+                      lambda: build_segmenter(name, num_classes=info["num_classes"], checkpoint=checkpoint))
+
+    @classmethod
+    def build_model(cls, args: argparse.Namespace, info: dict, runtime: Runtime) -> nn.Module:
+        if not args.student:
+            raise UsageError("--student is required, e.g. --student lraspp_mobilenet_v3_large")
+        settings = _settings(args, "segmentation")
+        check_backend(settings.backend if settings.method == "diffkd" else None, runtime.device)
+        torch.manual_seed(args.seed)
+        student = cls.create_student(args.student, info, args=args)
+        teacher_file = _teacher_file(args, settings)
+        teacher = cls.create_student(args.teacher, info, teacher_file, args=args) if teacher_file else None
+        size = info.get("image_size") or args.image_size or 512
+        distiller = _built("segmentation distillation", lambda: build_segmentation_distiller(
+            settings, student, teacher, input_size=(3, size, size), ignore_index=info.get("ignore_index", 255),
+            log=runtime.log))
+        _record(args, settings)
+        return distiller
+
+    @staticmethod
+    def to_device(batch, device: torch.device, channels_last: bool):
+        images, masks = batch
+        return move_images(images, device, channels_last), masks.to(device, non_blocking=True)
+
+    @staticmethod
+    def describe(metrics: dict) -> str:
+        return f"mIoU {metrics['miou']:.2f}%, pixel accuracy {metrics['pixel_accuracy']:.2f}%"
+
+    @staticmethod
+    def evaluate(model: nn.Module, loader, runtime: Runtime, precision: Precision, channels_last: bool,
+                 stop: StopRequest | None = None) -> dict:
+        """mIoU and pixel accuracy (%) of ``model`` over every pixel of the loader, over all processes."""
+        metric = SegmentationMetric(loader.dataset.num_classes if hasattr(loader.dataset, "num_classes")
+                                    else len(loader.dataset.classes), device=runtime.device)
+        evaluate_segmentation(model, stoppable(loader, runtime, stop), runtime.device, precision.autocast,
+                              metric=metric)
+        runtime.all_reduce_sum(metric.confusion)
+        result = metric.compute()
+        return {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}
+
+    @staticmethod
+    def draw(models: dict[str, nn.Module], dataset, info: dict, device: torch.device, path: Path) -> None:
+        from diffkd.plots_dense import draw_segmentation
+        samples = [dataset[index] for index in range(min(PREDICTION_IMAGES, len(dataset)))]
+        images = torch.stack([image for image, _ in samples])
+        predictions = {}
+        for label, model in models.items():
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                predictions[label] = list(score_map_output(model(images.to(device))).argmax(1).cpu())
+            model.train(was_training)
+        draw_segmentation(list(images), [target["semantic"] for _, target in samples], predictions, path,
+                          info["classes"], mean=info.get("mean"), std=info.get("std"))
