@@ -8,6 +8,12 @@ decay 5e-4; each seed draws its own subset, shared by every method of that seed)
 + KL 0.9 at τ 4; DIST: CE 1 + DIST 2 at τ 4; MSE: CE 1 + feature MSE 1; DiffKD: CE 1 + per head KD + diffusion
 loss, feature and logit heads, NFE 5, no autoencoder).
 
+Why this setting: short pilots (none, kd and diffkd over 3 seeds) set it against a harder one, 1,000 training
+images for 10 epochs.  There the student alone moved by 3.1 points between two seeds (74.76 and 71.69, against
+72.84, 72.72 and 73.53 here), which would drown differences of a point; resnet8 is already the zoo's smallest
+model.  Ten seeds for the methods make the paired 95% interval about ±0.7 standard deviations of the per-seed
+differences wide (t(0.975, 9)/√10).
+
 Methods (``--methods``): none (the student alone), kd, dist, mse, diffkd, over ``--seeds`` (default 0–9).
 DiffKD ablations (``--ablations``, over ``--ablation-seeds``, default 0–2): without adaptive noise matching
 (no-anm), NFE 1 / 2 / 10 (NFE 5 is diffkd itself), the feature head or the logit head alone, and a 32-channel
@@ -413,7 +419,9 @@ def render_markdown(summary: Mapping, settings: Mapping, meta: Mapping) -> str:
              f"epochs on {settings['train_subset']} images (each seed its own class-balanced subset, shared by the "
              f"methods). Test top-1 (%) after the last epoch on the 10,000 test images. Δ vs KD: the paired "
              f"(seed-matched) difference with its 95% confidence interval (t-distribution of the per-seed "
-             f"differences); \"excludes 0\" marks a difference beyond the seed noise. Produced by "
+             f"differences); \"excludes 0\" marks a difference beyond the seed noise. Why this setting: the "
+             f"docstring of benchmarks/bench_accuracy.py (a pilot with 1,000 training images was far noisier). "
+             f"Produced by "
              f"`python benchmarks/bench_accuracy.py {meta['command']}`.{' ' + meta['note'] if meta['note'] else ''}",
              ""]
 
