@@ -217,17 +217,25 @@ def finished_row(folder: Path, epochs: int) -> dict | None:
     return None
 
 
-def training_argv(study: Mapping, spec: RunSpec, runs_dir: Path, teacher_ckpt: Path | None) -> list[str]:
-    """The ``python -m diffkd.train`` arguments of one run."""
-    argv = ["--dataset", study["dataset"], "--student", study["student"], "--epochs", str(study["epochs"]),
-            "-b", str(study["batch_size"]), "--lr", str(study["lr"]), "--sched", study["sched"],
-            "--weight-decay", str(study["weight_decay"]), "--train-subset", str(study["train_subset"]),
-            "--eval-interval", str(study["epochs"]), "--threads", "1", "--seed", str(spec.seed),
-            "--output", str(runs_dir), "--experiment", spec.name, *spec.variant.flags]
-    if spec.variant.method != "none":
-        argv += ["--teacher", study["teacher"], "--teacher-ckpt", str(teacher_ckpt)]
+def training_argv(study: Mapping, *, model: str, epochs: int, train_subset: int, seed: int, runs_dir: Path,
+                  experiment: str, flags: Sequence[str] = ()) -> list[str]:
+    """``python -m diffkd.train`` arguments of a run of the study's recipe (one thread, tested after the last
+    epoch)."""
+    argv = ["--dataset", study["dataset"], "--student", model, "--epochs", str(epochs), "-b", str(study["batch_size"]),
+            "--lr", str(study["lr"]), "--sched", study["sched"], "--weight-decay", str(study["weight_decay"]),
+            "--train-subset", str(train_subset), "--eval-interval", str(epochs), "--threads", "1",
+            "--seed", str(seed), "--output", str(runs_dir), "--experiment", experiment, *flags]
     if study.get("data_dir"):
         argv += ["--data-dir", study["data_dir"]]
+    return argv
+
+
+def run_argv(study: Mapping, spec: RunSpec, runs_dir: Path, teacher_ckpt: Path | None) -> list[str]:
+    """The arguments of one student run of the study."""
+    argv = training_argv(study, model=study["student"], epochs=study["epochs"], train_subset=study["train_subset"],
+                         seed=spec.seed, runs_dir=runs_dir, experiment=spec.name, flags=spec.variant.flags)
+    if spec.variant.method != "none":
+        argv += ["--teacher", study["teacher"], "--teacher-ckpt", str(teacher_ckpt)]
     return argv
 
 
@@ -277,14 +285,9 @@ class Study:
         if path.is_file():
             return path
         folder = self.runs_dir / "teacher"
-        argv = ["--dataset", self.settings["dataset"], "--method", "none", "--student", self.settings["teacher"],
-                "--epochs", str(TEACHER_RECIPE["epochs"]), "--train-subset", str(TEACHER_RECIPE["train_subset"]),
-                "-b", str(self.settings["batch_size"]), "--lr", str(self.settings["lr"]),
-                "--sched", self.settings["sched"], "--weight-decay", str(self.settings["weight_decay"]),
-                "--threads", "1", "--seed", str(TEACHER_RECIPE["seed"]), "--output", str(self.runs_dir),
-                "--experiment", "teacher"]
-        if self.settings.get("data_dir"):
-            argv += ["--data-dir", self.settings["data_dir"]]
+        argv = training_argv(self.settings, model=self.settings["teacher"], epochs=TEACHER_RECIPE["epochs"],
+                             train_subset=TEACHER_RECIPE["train_subset"], seed=TEACHER_RECIPE["seed"],
+                             runs_dir=self.runs_dir, experiment="teacher", flags=("--method", "none"))
         self.log(f"teacher {self.settings['teacher']}: training it once ({TEACHER_RECIPE['train_subset']} images, "
                  f"{TEACHER_RECIPE['epochs']} epoch); kept as {path}")
         self._run_to_completion(folder, argv, TEACHER_RECIPE["epochs"], "the teacher")
@@ -320,9 +323,8 @@ class Study:
         started = time.monotonic()
 
         def one(spec: RunSpec) -> None:
-            self._run_to_completion(self.runs_dir / spec.name, training_argv(self.settings, spec, self.runs_dir,
-                                                                             teacher), self.settings["epochs"],
-                                    f"run {spec.name}")
+            self._run_to_completion(self.runs_dir / spec.name, run_argv(self.settings, spec, self.runs_dir, teacher),
+                                    self.settings["epochs"], f"run {spec.name}")
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {pool.submit(one, spec): spec for spec in todo}
