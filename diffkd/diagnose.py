@@ -310,7 +310,7 @@ def format_tables(diagnoses: Mapping[str, HeadDiagnosis]) -> str:
                   for r in d.nfe]
         lines += ["  along the trained chain (through proj): state x_k, and the clean estimate x̂_0 made from it",
                   f"  {'step':>4}  {'t':>4}  {'KD(x_k)':>10}  {'rel(x_k)':>10}  {'KD(x̂_0)':>10}  {'rel(x̂_0)':>10}"]
-        lines += [f"  {s.step:>4}  {s.t:>4}  {s.kd_distance:>10.4g}  {s.rel_error:>10.4g}  "
+        lines += [f"  {s.step:>4}  {'end' if s.t < 0 else s.t:>4}  {s.kd_distance:>10.4g}  {s.rel_error:>10.4g}  "
                   f"{_number(s.clean_kd_distance):>10}  {_number(s.clean_rel_error):>10}" for s in d.steps]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
