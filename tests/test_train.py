@@ -82,9 +82,12 @@ def test_every_flag_has_help():
     assert missing == []
 
 
-def test_no_arguments_means_the_demo_and_configs_demo_yaml_spells_it_out():
-    default, _ = parse_args([])
-    from_config, _ = parse_args(["-c", str(REPO / "configs" / "demo.yaml")])
+@pytest.mark.parametrize("argv, config", [([], "demo.yaml"),
+                                          (["--demo", "--task", "detection"], "detection/demo.yaml"),
+                                          (["--demo", "--task", "segmentation"], "segmentation/demo.yaml")])
+def test_the_demos_are_spelled_out_in_their_configs(argv, config):
+    default, _ = parse_args(argv)  # no arguments at all: the classification demo
+    from_config, _ = parse_args(["-c", str(REPO / "configs" / config)])
     assert default.demo and vars(default) == {**vars(from_config), "config": None}
 
 

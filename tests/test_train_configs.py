@@ -7,7 +7,10 @@ import yaml
 
 from diffkd.distill import SETTING_NAMES, method_settings
 from diffkd.models import list_cifar_models
+from diffkd.models.segmentation import SEGMENTERS
 from diffkd.train.cli import parse_args
+from diffkd.train.dense import parse_detector
+from diffkd.train.errors import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHODS = ("none", "kd", "dist", "mse", "diffkd")
@@ -22,17 +25,30 @@ B1 = dict(epochs=100, batch_size=256, lr=0.1, opt="sgd", momentum=0.9, nesterov=
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 
 
+DETECTION = {f"detection/coco/{m}/{a}_resnet50_resnet18.yaml" for m in ("none", "mse", "diffkd")
+             for a in ("fasterrcnn", "retinanet", "fcos")}
+SEGMENTATION = {f"segmentation/segfolder/{m}/deeplabv3_resnet50_mobilenet_v3_large.yaml"
+                for m in ("none", "kd", "dist", "diffkd")}
+DEMOS = {"demo.yaml", "detection/demo.yaml", "segmentation/demo.yaml"}
+
+
 def _model_exists(name: str) -> bool:
-    return name in list_cifar_models() or timm.is_model(name)
+    if name in SEGMENTERS:
+        return True
+    try:
+        parse_detector(name)
+        return True
+    except UsageError:
+        return name in list_cifar_models() or timm.is_model(name)
 
 
 def test_every_pair_and_method_has_a_config():
     expected = {f"cifar100/{m}/{p}.yaml" for m in METHODS for p in CIFAR_PAIRS}
     expected |= {f"imagenet/{m}/{p}.yaml" for m in METHODS for p in IMAGENET_PAIRS}
     found = {str(path.relative_to(CONFIGS)) for path in ALL_CONFIGS}
-    assert expected <= found
-    assert found - expected == {"demo.yaml"} | {f"cifar100/teachers/{t}.yaml"
-                                                for t in ("resnet32x4", "resnet56", "wrn_40_2", "ResNet50")}
+    assert expected | DETECTION | SEGMENTATION | DEMOS <= found
+    assert found - expected - DETECTION - SEGMENTATION == DEMOS | {
+        f"cifar100/teachers/{t}.yaml" for t in ("resnet32x4", "resnet56", "wrn_40_2", "ResNet50")}
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -44,7 +60,8 @@ def test_config_parses_and_names_existing_models(path):
         assert name is None or _model_exists(name), f"{role} {name!r}"
 
 
-@pytest.mark.parametrize("path", [p for p in ALL_CONFIGS if p.parent.name in METHODS],
+@pytest.mark.parametrize("path", [p for p in ALL_CONFIGS if p.parent.name in METHODS and
+                                  p.parent.parent.name in ("cifar100", "imagenet")],
                          ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_holds_the_papers_recipe_and_the_methods_spec_weights(path):
     args, _ = parse_args(["-c", str(path)])
@@ -70,3 +87,20 @@ def test_teacher_configs_train_the_teacher_alone(path):
     args, _ = parse_args(["-c", str(path)])
     assert (args.method, args.student, args.lr) == ("none", path.stem, 0.05)
     assert {key: getattr(args, key) for key in A1} == A1
+
+
+@pytest.mark.parametrize("path", sorted(DETECTION | SEGMENTATION))
+def test_dense_configs_hold_the_papers_loss_weights(path):
+    path = CONFIGS / path
+    args, _ = parse_args(["-c", str(path)])
+    task, dataset, method = path.parts[-4:-1]
+    assert (args.task, args.dataset, args.method) == (task, dataset, method)
+    defaults = method_settings(method, dataset, task=task)
+    assert {key: getattr(args, key) for key in SETTING_NAMES if getattr(args, key) is not None} == {
+        key: getattr(defaults, key) for key in SETTING_NAMES if getattr(args, key) is not None}
+    if method == "diffkd":
+        expected = (5.0, 1.0, 0) if task == "detection" else (1.0, 1.0, 0)
+        assert (args.kd_weight, args.diffusion_weight, args.ae_channels) == expected
+        assert task == "detection" or args.logit_distance == "dist"
+    assert (args.teacher is None) == (method == "none")
+    assert args.student.endswith("resnet18_fpn" if task == "detection" else "mobilenet_v3_large")

@@ -332,11 +332,23 @@ def _config_tokens(path: str, parser: argparse.ArgumentParser) -> tuple[list[str
 
 # The demo's settings (configs/demo.yaml spells out the same): a teacher on all of Fashion-MNIST, then a smaller
 # student on a small labelled subset, alone and with DiffKD, over two seeds.
-DEMO_DEFAULTS = {"classification": {
-    "dataset": "fashion-mnist", "teacher": "resnet14", "student": "resnet8", "method": "diffkd",
-    "epochs": 5, "batch_size": 64, "lr": 0.1, "sched": "cosine", "weight_decay": 5e-4, "eval_interval": 5,
-    "train_subset": 2000, "threads": 1, "demo_seeds": [0, 1], "demo_teacher_epochs": 1, "demo_teacher_subset": 24000,
-}}
+# The detection and segmentation demos (configs/detection/demo.yaml, configs/segmentation/demo.yaml): 96-pixel
+# scenes, a teacher on all 2,000 training scenes, students on 500, narrow models and AdamW, sized for a CPU.
+_SCENE_DEMO = {"dataset": "fashion-scenes", "method": "diffkd", "image_size": 96, "epochs": 8, "batch_size": 16,
+               "opt": "adamw", "lr": 1e-3, "warmup_epochs": 0.2, "sched": "cosine", "weight_decay": 1e-4,
+               "eval_interval": 8, "train_subset": 500, "threads": 1, "demo_seeds": [0],
+               "demo_teacher_epochs": 2, "demo_teacher_subset": 2000}
+DEMO_DEFAULTS = {
+    "classification": {
+        "dataset": "fashion-mnist", "teacher": "resnet14", "student": "resnet8", "method": "diffkd",
+        "epochs": 5, "batch_size": 64, "lr": 0.1, "sched": "cosine", "weight_decay": 5e-4, "eval_interval": 5,
+        "train_subset": 2000, "threads": 1, "demo_seeds": [0, 1], "demo_teacher_epochs": 1,
+        "demo_teacher_subset": 24000},
+    "detection": {**_SCENE_DEMO, "teacher": "retinanet_resnet34_fpn", "student": "retinanet_resnet18_fpn",
+                  "fpn_channels": 64},
+    "segmentation": {**_SCENE_DEMO, "teacher": "deeplabv3_mobilenet_v3_large",
+                     "student": "lraspp_mobilenet_v3_large"},
+}
 
 
 def check_task_and_dataset(task: str, dataset: str) -> None:
