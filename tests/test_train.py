@@ -11,7 +11,7 @@ import yaml
 from diffkd import eval as diffkd_eval
 from diffkd import train
 from diffkd.distill import Distiller
-from diffkd.models import create_model, load_checkpoint, save_checkpoint_benchmark_format
+from diffkd.models import create_model, load_checkpoint
 from diffkd.train.build import lr_factor_schedule
 from diffkd.train.cli import build_parser, parse_args
 from diffkd.train.demo import CACHE_ENV

@@ -12,7 +12,7 @@ import yaml
 from diffkd import eval as diffkd_eval
 from diffkd import train
 from diffkd.distill import Distiller
-from diffkd.train import loop, runs
+from diffkd.train import loop
 from diffkd.train.tasks import ClassificationTask
 from train_cli import (assert_clean_failure, common, data_dir, distill, one_thread, read_summary,  # noqa: F401
                        run_cli, teacher_ckpt)

@@ -66,29 +66,6 @@ def _dense_data(args: argparse.Namespace, runtime: Runtime, task: str, collate, 
     return Data(train_loader, val_loader, info, micro_batch, len(train_ds), len(val_ds))
 
 
-def _settings(args: argparse.Namespace, task: str):
-    values = {name: getattr(args, name) for name in SETTING_NAMES if name != "method"}
-    try:
-        settings = method_settings(args.method, args.dataset, task=task, **values)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    return settings
-
-
-def _record(args: argparse.Namespace, settings) -> None:
-    for name in SETTING_NAMES:  # the resolved method settings go into args.yaml
-        setattr(args, name, getattr(settings, name))
-
-
-def _teacher_file(args: argparse.Namespace, settings) -> str | None:
-    if settings.method == "none":
-        return None
-    if not args.teacher or not args.teacher_ckpt:
-        raise UsageError(f"method {args.method!r} needs --teacher and --teacher-ckpt (a trained {args.task} model; "
-                         f"train one with --method none --student NAME); use --method none to train a model alone")
-    return args.teacher_ckpt
-
-
 def _built(what: str, build):
     try:
         return build()
@@ -97,9 +74,42 @@ def _built(what: str, build):
 
 
 class DenseTask:
-    """What detection and segmentation share: lists of targets, no per-batch accuracy, no chance level."""
+    """What detection and segmentation share: building the run from the task's model builders, lists of targets,
+    no per-batch accuracy, no chance level, and the predictions drawn at the end of a run."""
 
+    name = ""
     task_loss = "ce_loss"
+    example_student = ""
+    collate = None
+
+    @classmethod
+    def build_data(cls, args: argparse.Namespace, runtime: Runtime, *, test_only: bool = False) -> Data:
+        return _dense_data(args, runtime, cls.name, cls.collate, test_only)
+
+    @classmethod
+    def build_model(cls, args: argparse.Namespace, info: dict, runtime: Runtime) -> nn.Module:
+        if not args.student:
+            raise UsageError(f"--student is required, e.g. --student {cls.example_student}")
+        values = {name: getattr(args, name) for name in SETTING_NAMES if name != "method"}
+        try:
+            settings = method_settings(args.method, args.dataset, task=cls.name, **values)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        check_backend(settings.backend if settings.method == "diffkd" else None, runtime.device)
+        torch.manual_seed(args.seed)
+        student = cls.create_student(args.student, info, args=args)
+        teacher = None
+        if settings.method != "none":
+            if not args.teacher or not args.teacher_ckpt:
+                raise UsageError(f"method {args.method!r} needs --teacher and --teacher-ckpt (a trained {cls.name} "
+                                 f"model; train one with --method none --student NAME); use --method none to train a "
+                                 f"model alone")
+            teacher = cls.create_student(args.teacher, info, args.teacher_ckpt, args=args)
+        distiller = _built(f"{cls.name} distillation", lambda: cls.distiller(settings, student, teacher, args, info,
+                                                                             runtime.log))
+        for name in SETTING_NAMES:  # the resolved method settings go into args.yaml
+            setattr(args, name, getattr(settings, name))
+        return distiller
 
     @staticmethod
     def batch_size(targets) -> int:
@@ -112,6 +122,19 @@ class DenseTask:
     @staticmethod
     def near_chance(metrics: dict, info: dict) -> str | None:
         return None
+
+    @classmethod
+    def draw(cls, models: dict[str, nn.Module], dataset, info: dict, device: torch.device, path: Path) -> None:
+        """plots/predictions.png: the first test images, their ground truth and each model's predictions."""
+        samples = [dataset[index] for index in range(min(PREDICTION_IMAGES, len(dataset)))]
+        predictions = {}
+        for label, model in models.items():
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                predictions[label] = cls.predict(model, [image for image, _ in samples], device)
+            model.train(was_training)
+        cls.draw_predictions(samples, predictions, info, path)
 
 
 def parse_detector(name: str) -> tuple[str, str]:
@@ -129,10 +152,8 @@ class DetectionTask(DenseTask):
     metric = "map"
     metric_label = "mAP"
     task_loss = "detection_loss"
-
-    @staticmethod
-    def build_data(args: argparse.Namespace, runtime: Runtime, *, test_only: bool = False) -> Data:
-        return _dense_data(args, runtime, "detection", detection_collate, test_only)
+    example_student = "retinanet_resnet18_fpn"
+    collate = staticmethod(detection_collate)
 
     @staticmethod
     def create_student(name: str, info: dict, checkpoint: str | None = None, *, args=None) -> nn.Module:
@@ -148,21 +169,10 @@ class DetectionTask(DenseTask):
         return _built(f"detector {name!r}", lambda: build_detector(architecture, backbone, checkpoint=checkpoint,
                                                                      **options))
 
-    @classmethod
-    def build_model(cls, args: argparse.Namespace, info: dict, runtime: Runtime) -> nn.Module:
-        if not args.student:
-            raise UsageError("--student is required, e.g. --student fasterrcnn_resnet18_fpn")
-        settings = _settings(args, "detection")
-        check_backend(settings.backend if settings.method == "diffkd" else None, runtime.device)
-        torch.manual_seed(args.seed)
-        student = cls.create_student(args.student, info, args=args)
-        teacher_file = _teacher_file(args, settings)
-        teacher = cls.create_student(args.teacher, info, teacher_file, args=args) if teacher_file else None
-        distiller = _built("detection distillation", lambda: build_detection_distiller(
-            settings, student, teacher, image_size=info.get("image_size") or args.image_size,
-            share_head=args.share_head, log=runtime.log))
-        _record(args, settings)
-        return distiller
+    @staticmethod
+    def distiller(settings, student, teacher, args, info, log) -> nn.Module:
+        return build_detection_distiller(settings, student, teacher, image_size=info.get("image_size") or
+                                         args.image_size, share_head=args.share_head, log=log)
 
     @staticmethod
     def to_device(batch, device: torch.device, channels_last: bool):
@@ -191,29 +201,23 @@ class DetectionTask(DenseTask):
         return evaluator.compute()
 
     @staticmethod
-    def draw(models: dict[str, nn.Module], dataset, info: dict, device: torch.device, path: Path) -> None:
+    def predict(model: nn.Module, images: list, device: torch.device) -> list:
+        return [{key: value.cpu() for key, value in detection.items()}
+                for detection in model([image.to(device) for image in images])]
+
+    @staticmethod
+    def draw_predictions(samples: list, predictions: dict, info: dict, path: Path) -> None:
         from diffkd.plots_dense import draw_detections
-        samples = [dataset[index] for index in range(min(PREDICTION_IMAGES, len(dataset)))]
-        images = [image for image, _ in samples]
-        predictions = {}
-        for label, model in models.items():
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                predictions[label] = [{k: v.cpu() for k, v in p.items()}
-                                      for p in model([image.to(device) for image in images])]
-            model.train(was_training)
-        draw_detections(images, [target for _, target in samples], predictions, path, info["classes"])
+        draw_detections([image for image, _ in samples], [target for _, target in samples], predictions, path,
+                        info["classes"])
 
 
 class SegmentationTask(DenseTask):
     name = "segmentation"
     metric = "miou"
     metric_label = "mIoU"
-
-    @staticmethod
-    def build_data(args: argparse.Namespace, runtime: Runtime, *, test_only: bool = False) -> Data:
-        return _dense_data(args, runtime, "segmentation", segmentation_collate, test_only)
+    example_student = "lraspp_mobilenet_v3_large"
+    collate = staticmethod(segmentation_collate)
 
     @staticmethod
     def create_student(name: str, info: dict, checkpoint: str | None = None, *, args=None) -> nn.Module:
@@ -222,22 +226,11 @@ class SegmentationTask(DenseTask):
         return _built(f"segmentation model {name!r}",
                       lambda: build_segmenter(name, num_classes=info["num_classes"], checkpoint=checkpoint))
 
-    @classmethod
-    def build_model(cls, args: argparse.Namespace, info: dict, runtime: Runtime) -> nn.Module:
-        if not args.student:
-            raise UsageError("--student is required, e.g. --student lraspp_mobilenet_v3_large")
-        settings = _settings(args, "segmentation")
-        check_backend(settings.backend if settings.method == "diffkd" else None, runtime.device)
-        torch.manual_seed(args.seed)
-        student = cls.create_student(args.student, info, args=args)
-        teacher_file = _teacher_file(args, settings)
-        teacher = cls.create_student(args.teacher, info, teacher_file, args=args) if teacher_file else None
+    @staticmethod
+    def distiller(settings, student, teacher, args, info, log) -> nn.Module:
         size = info.get("image_size") or args.image_size or 512
-        distiller = _built("segmentation distillation", lambda: build_segmentation_distiller(
-            settings, student, teacher, input_size=(3, size, size), ignore_index=info.get("ignore_index", 255),
-            log=runtime.log))
-        _record(args, settings)
-        return distiller
+        return build_segmentation_distiller(settings, student, teacher, input_size=(3, size, size),
+                                            ignore_index=info.get("ignore_index", 255), log=log)
 
     @staticmethod
     def to_device(batch, device: torch.device, channels_last: bool):
@@ -252,8 +245,7 @@ class SegmentationTask(DenseTask):
     def evaluate(model: nn.Module, loader, runtime: Runtime, precision: Precision, channels_last: bool,
                  stop: StopRequest | None = None) -> dict:
         """mIoU and pixel accuracy (%) of ``model`` over every pixel of the loader, over all processes."""
-        metric = SegmentationMetric(loader.dataset.num_classes if hasattr(loader.dataset, "num_classes")
-                                    else len(loader.dataset.classes), device=runtime.device)
+        metric = SegmentationMetric(len(loader.dataset.classes), device=runtime.device)
         evaluate_segmentation(model, stoppable(loader, runtime, stop), runtime.device, precision.autocast,
                               metric=metric)
         runtime.all_reduce_sum(metric.confusion)
@@ -261,16 +253,11 @@ class SegmentationTask(DenseTask):
         return {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}
 
     @staticmethod
-    def draw(models: dict[str, nn.Module], dataset, info: dict, device: torch.device, path: Path) -> None:
+    def predict(model: nn.Module, images: list, device: torch.device) -> list:
+        return list(score_map_output(model(torch.stack(images).to(device))).argmax(1).cpu())
+
+    @staticmethod
+    def draw_predictions(samples: list, predictions: dict, info: dict, path: Path) -> None:
         from diffkd.plots_dense import draw_segmentation
-        samples = [dataset[index] for index in range(min(PREDICTION_IMAGES, len(dataset)))]
-        images = torch.stack([image for image, _ in samples])
-        predictions = {}
-        for label, model in models.items():
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                predictions[label] = list(score_map_output(model(images.to(device))).argmax(1).cpu())
-            model.train(was_training)
-        draw_segmentation(list(images), [target["semantic"] for _, target in samples], predictions, path,
-                          info["classes"], mean=info.get("mean"), std=info.get("std"))
+        draw_segmentation([image for image, _ in samples], [target["semantic"] for _, target in samples],
+                          predictions, path, info["classes"], mean=info.get("mean"), std=info.get("std"))

@@ -10,7 +10,6 @@ never holds a diverged model.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
