@@ -436,7 +436,7 @@ def render_markdown(summary: Mapping, settings: Mapping, meta: Mapping) -> str:
         for name in rows:
             v = variants[name]
             per_seed = ", ".join(f"{value:.2f}" for value in v["top1"].values())
-            lines.append(f"| {name} ({v['description']}) | {len(v['top1'])} | {_mean_std(v)} | {per_seed} | "
+            lines.append(f"| {name}: {v['description']} | {len(v['top1'])} | {_mean_std(v)} | {per_seed} | "
                          f"{_interval(v['vs_kd']) if name != BASELINE else 'baseline'} |")
         lines.append("")
 
@@ -461,7 +461,8 @@ def render_markdown(summary: Mapping, settings: Mapping, meta: Mapping) -> str:
             if f"{head}/gamma" not in d:
                 return ["–", "–"]
             before, after = (d.get(f"{head}/rel_error_{when}", math.nan) for when in ("before", "after"))
-            return [f"{d[f'{head}/gamma']:.3f} ({d.get(f'{head}/gamma_std', math.nan):.3f})",
+            spread = f" ({d[f'{head}/gamma_std']:.3f})" if f"{head}/gamma_std" in d else ""
+            return [f"{d[f'{head}/gamma']:.3f}{spread}",
                     f"{before:.3f} → {after:.3f}"]
 
         lines += ["| " + " | ".join([name, *head_cells(d, "feature"), *head_cells(d, "logit")]) + " |"
