@@ -148,7 +148,7 @@ def test_selection_flags_and_quick():
     assert [s.name for s in bench.selected_runs(args)] == [
         "none-seed3", "diffkd-seed3", "none-seed4", "diffkd-seed4", "diffkd-no-anm-seed7", "diffkd-logit-seed7"]
     default = bench.selected_runs(bench.parse_args([]))
-    assert len(default) == 5 * 10 + 7 * 3
+    assert len(default) == 5 * 10 + 7 * 5
     quick = bench.parse_args(["--quick"])
     assert [s.name for s in bench.selected_runs(quick)] == [
         "none-seed0", "kd-seed0", "diffkd-seed0", "none-seed1", "kd-seed1", "diffkd-seed1"]
@@ -188,7 +188,8 @@ def test_report_tables_interval_chart_and_json(tmp_path, teacher):
     assert diffkd["diagnostics"] == {"feature/gamma": 0.999, "feature/rel_error_before": 1.5,
                                      "feature/rel_error_after": 0.3}
     claims = {(t["better"], t["worse"]) for t in payload["trends"]}
-    assert claims == {("diffkd", "diffkd-no-anm"), ("diffkd-feature", "none"), ("diffkd", "diffkd-feature")}
+    assert claims == {("diffkd", "none"), ("diffkd", "diffkd-no-anm"), ("diffkd-feature", "none"),
+                      ("diffkd", "diffkd-feature")}
     markdown = prefix.with_suffix(".md").read_text()
     assert "| diffkd: DiffKD, feature + logit heads, NFE 5 | 3 | 72.10 ± 0.10 | 72.00, 72.10, 72.20 | " \
            "+1.50 [+1.50, +1.50] (excludes 0) |" in markdown
