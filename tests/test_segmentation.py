@@ -160,3 +160,11 @@ def test_evaluate_segmentation_counts_every_pixel_but_the_ignored_ones():
                     expected[truth, guess] += 1
     assert torch.equal(confusion, expected)
     assert confusion.sum() == 3 * (IMAGE - 5) * IMAGE
+
+
+def test_segmenters_keep_pytorchs_batchnorm_momentum():
+    # torchvision's MobileNetV3 uses 0.01; from random weights its eval-mode predictions then collapse for hundreds
+    # of steps (every pixel background) while the train-mode ones are good.
+    model = build_segmenter("lraspp_mobilenet_v3_large", num_classes=3)
+    momenta = {module.momentum for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)}
+    assert momenta == {0.1}

@@ -44,6 +44,7 @@ SEGMENTERS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_
               "lraspp_mobilenet_v3_large")
 SCORE_MAP_TAP = "classifier"  # its output is the class-score map before upsampling
 IGNORE_INDEX = 255  # target pixels that count in no loss and no metric
+BATCHNORM_MOMENTUM = 0.1
 
 
 def build_segmenter(name: str, *, num_classes: int, checkpoint: str | os.PathLike | None = None) -> nn.Module:
@@ -60,6 +61,13 @@ def build_segmenter(name: str, *, num_classes: int, checkpoint: str | os.PathLik
     if not name.startswith("lraspp"):  # LR-ASPP has no auxiliary classifier and refuses the option
         options["aux_loss"] = False
     model = getattr(torchvision.models.segmentation, name)(**options)
+    # torchvision's MobileNetV3 keeps BatchNorm running statistics with momentum 0.01, made for long schedules from
+    # pretrained weights.  From random weights the statistics then lag far behind the weights for hundreds of steps,
+    # and eval-mode predictions (tests, and a teacher's maps) collapse to the background class while train-mode
+    # ones are good.  PyTorch's default 0.1 (as the ResNets use) follows the weights; it changes no parameter.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = BATCHNORM_MOMENTUM
     model.arch_name = name  # read by describe_architecture in messages
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
