@@ -78,7 +78,7 @@ def configure_cpu(threads: int | None) -> dict:
     """Sets torch's intra-op threads (default: every core) and glibc's malloc thresholds; returns what was set.
 
     First-touch allocation on these VMs is slow and erratic; keeping freed memory in the heap removed a 20× noise
-    source in small-op timings (DESIGN.md, Measuring).
+    source in small-op timings.
     """
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")

@@ -66,7 +66,7 @@ GPU_SWEEP_MB = SWEEP_MB + (1024,)
 QUICK_SWEEP_MB = (1, 4)
 SWEEP_CHANNELS, SWEEP_SIDE = 1024, 8
 REAL_STEP_SHAPES = tuple((b, c, side) for c in (256, 1024) for side in (7, 8) for b in (32, 64, 256))
-STEP_A, STEP_B = 1.42670, -0.50274  # the first step of the NFE-5 chain (SPEC §2); any floats would do
+STEP_A, STEP_B = 1.42670, -0.50274  # the first step of the NFE-5 chain; any floats would do
 
 
 @dataclass(frozen=True)

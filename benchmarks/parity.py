@@ -39,7 +39,7 @@ from kernels._common import interpreter_enabled  # noqa: E402
 from kernels.testing import compare_with_fp64, philox_normal  # noqa: E402
 
 NUM_TRAIN_TIMESTEPS = 1000
-CHAIN_TIMESTEPS = (400, 300, 200, 100, 0)  # NFE 5, the official start (SPEC §2)
+CHAIN_TIMESTEPS = (400, 300, 200, 100, 0)  # NFE 5, the official start
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,13 @@ class Context:
 
 
 def alphas_cumprod(device) -> torch.Tensor:
-    """ᾱ of the linear schedule in float32, as DDIMScheduler builds it (SPEC §2)."""
+    """ᾱ of the linear schedule in float32, as DDIMScheduler builds it."""
     betas = torch.linspace(1e-4, 0.02, NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
     return torch.cumprod(1 - betas, 0).to(device)
 
 
 def step_coefficients(table: torch.Tensor) -> list[tuple[float, float]]:
-    """(A, B) of each chain step, computed in float64 from the float32 table (SPEC §2)."""
+    """(A, B) of each chain step, computed in float64 from the float32 table."""
     abar = table.double().cpu()
     coefficients = []
     for t in CHAIN_TIMESTEPS:

@@ -1,4 +1,4 @@
-"""The DiffKD head and its parts (SPEC §1).
+"""The DiffKD head and its parts, as in the paper and its official code.
 
 The module tree mirrors the official DiffKD module, so a head's ``state_dict`` has exactly the official keys
 (``trans``, ``ae.encoder.0``, ``model.time_embedding``, ``model.pred.*``, ``noise_adapter.*``, ``proj.*``) and

@@ -1,4 +1,4 @@
-"""The DDIM noise schedule of DiffKD (SPEC §2), with diffusers' semantics.
+"""The DDIM noise schedule of DiffKD (as the official code runs it), with diffusers' semantics.
 
 The ᾱ table is float32, computed exactly as diffusers' DDIMScheduler computes it.  The per-step affine
 coefficients (A, B) of the deterministic DDIM step are computed once on the host in float64 from that float32

@@ -1,4 +1,4 @@
-"""The Distiller and the methods' heads: teacher isolation, loss assembly, head attachment and SPEC §6 weights."""
+"""The Distiller and the methods' heads: teacher isolation, loss assembly, head attachment and the recipes' loss weights."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,7 @@ def test_ablation_switches_reach_the_heads():
 @pytest.mark.parametrize("teacher, student, feature_head", [
     ("resnet32x4", "resnet8x4", 694_722), ("wrn_40_2", "wrn_16_2", 256_994), ("resnet56", "resnet20", 105_906)])
 def test_cifar_heads_attach_where_spec_says_with_the_oracle_parameter_counts(teacher, student, feature_head):
-    """SPEC §4: CIFAR heads without AE; the logit head for 100 classes has 352,302 parameters."""
+    """CIFAR heads without AE; the logit head for 100 classes has 352,302 parameters."""
     distiller = _distiller("diffkd", teacher, student, input_size=(3, 32, 32), num_classes=100, dataset="cifar100")
     assert sum(p.numel() for p in distiller.heads["feature"].parameters()) == feature_head
     assert distiller.extra_parameter_count() == feature_head + 352_302

@@ -1,4 +1,4 @@
-"""The reference DiffKD head (backend "torch") against SPEC §1, §3 and §4."""
+"""The reference DiffKD head (backend "torch") against the method's definition, losses and parameter counts."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# ---- SPEC §4: parameter counts --------------------------------------------------------------------------------
+# ---- parameter counts of the published heads --------------------------------------------------------------------------------
 def test_resnet34_resnet18_feature_head_counts():
     head = DiffKDHead(512, 512, use_ae=True, ae_channels=1024)
     assert n_params(head) == 7_644_418
@@ -86,7 +86,7 @@ def test_load_official_state_dict_refuses_mismatch():
 
 # ---- the forward against the equations ---------------------------------------------------------------------------
 def official_forward(head, student, teacher, blend_noise, diffusion_noise, diffusion_t):
-    """The official pipeline written out from SPEC's equations, with a diffusers-semantics DDIM step."""
+    """The official pipeline written out from the method's equations, with a diffusers-semantics DDIM step."""
     schedule = DDIMSchedule()
     z_s = F.conv2d(student, head.trans.weight, head.trans.bias)
     if head.use_ae:
@@ -177,7 +177,7 @@ def test_paper_start_evaluates_500_first():
     assert torch.isfinite(out["loss"])
 
 
-# ---- SPEC §3: gradient flow ------------------------------------------------------------------------------------
+# ---- gradient flow of the official module ------------------------------------------------------------------------------------
 def _groups(head):
     return {"ae": head.ae, "trans": head.trans, "phi": head.model.pred, "anm": head.noise_adapter, "proj": head.proj}
 

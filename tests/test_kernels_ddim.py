@@ -9,7 +9,7 @@ from kernels import ddim_step, ddim_step_embed, reference
 
 ddim_module = importlib.import_module("kernels.ddim")  # the package's attribute ddim_step is the function
 
-A, B = 1.4267, -0.50274  # the first NFE-5 step (SPEC §2)
+A, B = 1.4267, -0.50274  # the first NFE-5 step
 
 
 def _triton_step(x, eps):

@@ -1,4 +1,4 @@
-"""The schedule against SPEC §2's oracles and diffusers' own golden constants."""
+"""The schedule against the method's oracles and diffusers' own golden constants."""
 import math
 
 import pytest
@@ -58,7 +58,7 @@ def test_nfe5_step_coefficients_oracle(schedule):
 @pytest.mark.parametrize("start", ["official", "paper"])
 @pytest.mark.parametrize("nfe", [1, 3, 5, 10])
 def test_affine_step_equals_ddim_step(schedule, nfe, start):
-    """x ← A·x + B·ε̂ is the deterministic DDIM update written through x̂0 (SPEC §2)."""
+    """x ← A·x + B·ε̂ is the deterministic DDIM update written through x̂0."""
     a, b = schedule.step_coefficients(nfe, start)
     x, eps = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
     for k, (t, t_prev) in enumerate(schedule.step_pairs(nfe, start)):

@@ -1,4 +1,5 @@
-"""The datasets of each training recipe (SPEC §6) with their augmentation and normalisation."""
+"""The datasets of each training recipe (the paper's CIFAR-100 and ImageNet ones, ours for Fashion-MNIST and the
+scenes) with their augmentation and normalisation."""
 from __future__ import annotations
 
 from pathlib import Path
