@@ -112,7 +112,8 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
     if args.diagnose is not None:
         from diffkd.diagnose import run_diagnosis  # matplotlib loads only when asked for
         try:
-            run_diagnosis(checkpoint, batches=data.val_loader, info=data.info, folder=Path(args.diagnose or path.parent),
+            run_diagnosis(checkpoint, batches=data.val_loader, info=data.info,
+                          folder=Path(args.diagnose or path.parent),
                           title=f"{path.parent.name}/{path.name}{epoch}: NFE diagnosis", device=runtime.device,
                           log=runtime.log)
         except ValueError as error:
