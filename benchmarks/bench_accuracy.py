@@ -427,9 +427,8 @@ def render_markdown(summary: Mapping, settings: Mapping, meta: Mapping) -> str:
              f"(seed-matched) difference with its 95% confidence interval (t-distribution of the per-seed "
              f"differences); \"excludes 0\" marks a difference beyond the seed noise. Why this setting: the "
              f"docstring of benchmarks/bench_accuracy.py (a pilot with 1,000 training images was far noisier). "
-             f"Produced by "
-             f"`python benchmarks/bench_accuracy.py {meta['command']}`.{' ' + meta['note'] if meta['note'] else ''}",
-             ""]
+             f"Report written by `python benchmarks/bench_accuracy.py {meta['command']}`."
+             f"{' ' + meta['note'] if meta['note'] else ''}", ""]
 
     def table(names: Sequence[str], title: str) -> None:
         rows = [n for n in names if n in variants]
@@ -598,8 +597,11 @@ def main(argv: Sequence[str] | None = None, *, train: Runner | None = None, eval
         study = Study(args.work_dir, settings, train=train or subprocess_runner("diffkd.train"),
                       evaluate=evaluate or subprocess_runner("diffkd.eval"))
         failures = [] if args.report_only else study.run(selected_runs(args), args.teacher_ckpt, args.jobs)
-        meta = {"date": datetime.date.today().isoformat(), "note": args.note,
-                "command": " ".join(sys.argv[1:] if argv is None else argv), "work_dir": str(args.work_dir)}
+        given = list(sys.argv[1:] if argv is None else argv)
+        if "--note" in given:  # the note is shown on its own
+            del given[given.index("--note"):given.index("--note") + 2]
+        meta = {"date": datetime.date.today().isoformat(), "note": args.note, "command": " ".join(given),
+                "work_dir": str(args.work_dir)}
         write_report(study, args.out, meta)
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -193,7 +193,8 @@ def test_report_tables_interval_chart_and_json(tmp_path, teacher):
     markdown = prefix.with_suffix(".md").read_text()
     assert "| diffkd: DiffKD, feature + logit heads, NFE 5 | 3 | 72.10 ± 0.10 | 72.00, 72.10, 72.20 | " \
            "+1.50 [+1.50, +1.50] (excludes 0) |" in markdown
-    assert "Teacher resnet14 (one epoch on 24000 images, test top-1 82.08)" in markdown and "code: test" in markdown
+    assert "Teacher resnet14 (one epoch on 24000 images, test top-1 82.08)" in markdown
+    assert markdown.count("code: test") == 1 and "--note" not in markdown
     assert "| diffkd | 0.999 | 1.500 → 0.300 | – | – |" in markdown
     with Image.open(prefix.with_suffix(".png")) as image:
         assert "test top-1 per seed" in image.text["Title"]
