@@ -26,8 +26,12 @@ over seeds, and each variant's difference from KD with a paired, seed-matched 95
 t-distribution of the per-seed differences), the paper's ablation trends as paired comparisons, what the DiffKD
 heads did (γ and the relative error to the teacher before and after denoising, last epoch), a PNG chart and JSON.
 
-    python benchmarks/bench_accuracy.py --jobs 2                     # the full study
-    python benchmarks/bench_accuracy.py --quick                      # none, kd, diffkd over 2 seeds, ~5 minutes
+    python benchmarks/bench_accuracy.py --jobs 2                     # the full study (85 runs)
+    python benchmarks/bench_accuracy.py --quick --jobs 2             # none, kd, diffkd over 2 seeds
+
+With the teacher trained, ``--quick --jobs 2`` took 2 min 10 s on a 2-core machine, and the full study's 85 runs
+70 min one at a time on a busy shared one (about half that with ``--jobs 2`` on two free cores, from the runs'
+CPU times).  benchmarks/results/accuracy-fashion-mnist.md holds its results.
     python benchmarks/bench_accuracy.py --methods kd,diffkd --seeds 0 1 2 --ablations none
 """
 from __future__ import annotations
