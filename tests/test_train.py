@@ -327,3 +327,14 @@ def test_graphed_heads_keep_the_distillers_state_dict_and_results(data_dir, teac
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_on_a_cpu_uses_bfloat16_only_where_the_cpu_has_it(native, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("diffkd.train.resume.cpu_supports_native_bf16", lambda: native)
+    argv = common(data_dir, tmp_path, **{"--method": "none", "--amp": True, "--max-steps": 1, "--experiment": "run"})
+    code, out, err = run_cli(train, argv, capsys)
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())["amp"] == native
+    assert ("no native bfloat16" in out) == (not native)
+    assert ("AMP bfloat16" in out) == native

@@ -237,7 +237,8 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
 
     group = parser.add_argument_group("runtime")
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                       help="mixed precision (autocast); the DDIM constants stay float32")
+                       help="mixed precision (autocast); the DDIM constants stay float32. On a CPU, bfloat16 only "
+                            "where it is native (AVX-512 BF16 or AMX), else float32")
     group.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16",
                        help="float16 adds a gradient scaler; its skipped steps are counted, not fatal")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
@@ -343,11 +344,11 @@ DEMO_DEFAULTS = {
         "dataset": "fashion-mnist", "teacher": "resnet14", "student": "resnet8", "method": "diffkd",
         "epochs": 5, "batch_size": 64, "lr": 0.1, "sched": "cosine", "weight_decay": 5e-4, "eval_interval": 5,
         "train_subset": 2000, "threads": 1, "demo_seeds": [0, 1], "demo_teacher_epochs": 1,
-        "demo_teacher_subset": 24000},
+        "demo_teacher_subset": 24000, "amp": True},
     "detection": {**_SCENE_DEMO, "teacher": "retinanet_resnet34_fpn", "student": "retinanet_resnet18_fpn",
                   "fpn_channels": 64},
     "segmentation": {**_SCENE_DEMO, "teacher": "deeplabv3_mobilenet_v3_large",
-                     "student": "lraspp_mobilenet_v3_large"},
+                     "student": "lraspp_mobilenet_v3_large", "demo_teacher_epochs": 4},
 }
 
 

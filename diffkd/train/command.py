@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume is not None:
             args, checkpoint, notes = resolve_resume(args, explicit)
         else:
-            resolve_new_run(args)
+            notes = resolve_new_run(args)
         runtime = setup_runtime(args.device, args.threads)
         for note in notes:
             runtime.log(note)

@@ -38,7 +38,7 @@ DEMO_LABELS = {"classification": ("Fashion-MNIST demo", "test top-1 (%)", "image
 DEMO_SETTINGS = "demo.yaml"
 # Settings that shape the demo's teacher: its cache key.
 TEACHER_RECIPE = ("dataset", "student", "epochs", "train_subset", "batch_size", "lr", "opt", "momentum", "nesterov",
-                  "weight_decay", "sched", "warmup_epochs", "min_lr", "seed", "max_steps")
+                  "weight_decay", "sched", "warmup_epochs", "min_lr", "seed", "max_steps", "amp")
 
 
 def cache_folder() -> Path:
@@ -130,7 +130,8 @@ def _latest_demo(output: Path) -> Path:
 
 def _demo_folder_and_settings(args: argparse.Namespace, explicit: set[str]) -> tuple[Path, argparse.Namespace]:
     if args.resume is None:
-        resolve_new_run(args)
+        for note in resolve_new_run(args):
+            print(note, flush=True)
         folder = Path(args.output) / (args.experiment or f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         RunFolder(folder).check_usable(resume=False)
         if (folder / DEMO_SETTINGS).exists():
