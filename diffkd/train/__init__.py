@@ -10,9 +10,10 @@ Everything a run needs to be trusted lands in ``<output>/<experiment>/`` (see ``
 continues a run exactly where it stopped: from an epoch end, a mid-epoch checkpoint or a Ctrl-C.
 
 The parts, one job each: ``cli`` (flags, config overlay, recipes), ``runtime`` (process group, device, precision,
-log, stop requests), ``build`` (data, models, optimizer, LR schedule), ``tasks`` (per-task batches and metrics),
-``loop`` (the training loop), ``checkpoint`` and ``run_folder`` (what is written), ``resume`` (settings of new
-and resumed runs), ``runs`` (one run and its failures), ``demo`` and ``command`` (the entry point).
+log, stop requests), ``build`` (data, models, optimizer, LR schedule), ``tasks`` and ``dense`` (per-task data,
+models, batches and metrics), ``loop`` (the training loop), ``guard`` (NaN and fp16 overflow), ``checkpoint`` and
+``run_folder`` (what is written), ``resume`` (settings of new and resumed runs), ``runs`` (one run and its
+failures), ``demo`` and ``command`` (the entry point).
 """
 from diffkd.train.command import main
 

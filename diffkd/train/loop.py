@@ -23,16 +23,13 @@ from diffkd.train.build import build_optimizer, graph_heads, lr_factor_schedule
 from diffkd.train.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, capture_rng_state, describe_position,
                                      restore_rng_state)
 from diffkd.train.cli import interval_seconds_or_steps
-from diffkd.train.errors import DivergedError, RunInterrupted, UsageError
+from diffkd.train.errors import RunInterrupted, UsageError
+from diffkd.train.guard import DivergenceGuard
 from diffkd.train.run_folder import RunFolder, stored_args
 from diffkd.train.runtime import Precision, Runtime, StopRequest, environment_report
 from diffkd.train.tasks import EvaluationInterrupted, task_of
 from diffkd.files import save_atomically
 from diffkd.graphs import CUDAGraphHead
-
-# fp16: the gradient scaler skips a step whose gradients overflowed and halves its scale.  This many skipped
-# steps in a row (the scale divided by 2^25) means the run itself diverged.
-MAX_SKIPPED_IN_A_ROW = 25
 
 
 @dataclass(frozen=True)
@@ -104,13 +101,13 @@ class Trainer:
         self.best, self.best_epoch = -1.0, 0  # the best test value of the task's metric, and its epoch
         self.teacher_value: float | None = None
         self.accumulator = EpochAccumulator(runtime.device)
-        self.skipped_total = 0
         self.steps_this_invocation = 0
         if checkpoint is not None:
             self._restore(checkpoint)
         elif runtime.distributed:  # each process draws its own DiffKD noise; one process stays at --seed itself
             torch.manual_seed(args.seed + runtime.rank)
-        self._reset_device_counters()
+        self.guard = DivergenceGuard(self.scaler, runtime.device, self.global_step * args.grad_accum_steps,
+                                     skipped_total=checkpoint.get("skipped_steps", 0) if checkpoint else 0)
         self.last_checkpoint_time, self.last_checkpoint_step = time.monotonic(), self.global_step
         self.ddp_model = (nn.parallel.DistributedDataParallel(self.model, device_ids=[runtime.device.index]
                                                               if runtime.device.type == "cuda" else None)
@@ -171,7 +168,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": self._gather_rng(), "history": self.history,
             "epoch_state": self.accumulator.state(), "best": self.best, "best_epoch": self.best_epoch,
-            "teacher": self.teacher_value, "skipped_steps": self.skipped_total, "test_images": self.data.val_size,
+            "teacher": self.teacher_value, "skipped_steps": self.guard.skipped_total,
+            "test_images": self.data.val_size,
         }
         self.last_checkpoint_time = time.monotonic()
         self.last_checkpoint_step = self.global_step
@@ -197,7 +195,6 @@ class Trainer:
         self.accumulator = EpochAccumulator(self.runtime.device, checkpoint.get("epoch_state"))
         self.best, self.best_epoch = checkpoint["best"], checkpoint["best_epoch"]
         self.teacher_value = checkpoint["teacher"]
-        self.skipped_total = checkpoint.get("skipped_steps", 0)
         rng_states = checkpoint["rng"]
         if len(rng_states) == self.runtime.world_size:
             restore_rng_state(rng_states[self.runtime.rank])
@@ -210,62 +207,16 @@ class Trainer:
                 else "no epoch tested yet")
         self.runtime.log(f"resumed at {describe_position(checkpoint)} (optimizer step {self.global_step}); {best}")
 
-    # ---- finiteness, lazily -------------------------------------------------------------------------------
-    def _reset_device_counters(self) -> None:
-        device = self.runtime.device
-        self._micro_counter = torch.full((), self.global_step * self.args.grad_accum_steps, dtype=torch.int64,
-                                         device=device)
-        self._first_bad_micro = torch.full((), -1, dtype=torch.int64, device=device)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
-        self._skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=device)
-
-    def _record_loss(self, loss: torch.Tensor) -> None:
-        """Notes, on the device, the first micro-batch whose loss is not finite (fp16: the scaler handles those)."""
-        self._micro_counter += 1
-        if not self.scaler.is_enabled():
-            bad = ~torch.isfinite(loss.detach())
-            self._first_bad_micro = torch.where(bad & (self._first_bad_micro < 0), self._micro_counter,
-                                                self._first_bad_micro)
-
-    def _scaler_step(self) -> None:
-        if not self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            return
-        scale_before = self.scaler._scale.clone()  # the scale only drops when the step was skipped
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        skipped = (self.scaler._scale < scale_before).long()
-        self._skipped += skipped
-        self._skipped_in_a_row = (self._skipped_in_a_row + 1) * skipped
-
     def _check_finite(self) -> None:
-        """Synchronises once: stops the run (DivergedError) if a loss was not finite since the start, or if fp16
-        kept overflowing; counts the fp16 steps the scaler skipped."""
-        values = torch.stack([self._first_bad_micro, self._skipped, self._skipped_in_a_row]).double()
-        if self.runtime.distributed:
-            dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        first_bad, skipped, in_a_row = (int(v) for v in values.tolist())
-        if skipped:
-            self.skipped_total += skipped
-            self.accumulator.skipped_steps += skipped
-            self._skipped.zero_()
-            self.runtime.log(f"note: fp16 overflow: the gradient scaler skipped {skipped} step(s) "
-                             f"({self.skipped_total} in all)")
-        if first_bad < 0 and in_a_row < MAX_SKIPPED_IN_A_ROW:
-            return
+        """The divergence guard's check (one synchronisation); logs the fp16 steps the scaler skipped."""
         kept = (f"the last good checkpoint, {self.folder.last}, is untouched: --resume continues from it"
                 if self.folder.has_checkpoint else "no checkpoint had been written yet")
-        if first_bad >= 0:
-            step = (first_bad - 1) // self.args.grad_accum_steps
-            where = f"epoch {step // self.steps_per_epoch + 1}, step {step % self.steps_per_epoch + 1}"
-            problem = f"the loss is not finite at {where}"
-        else:
-            problem = f"fp16 overflowed in {in_a_row} steps in a row (the gradient scaler skipped them all)"
-        raise DivergedError(
-            f"{problem}; training stopped and {kept}. Start a new run (--experiment NAME) with a lower --lr or "
-            f"--warmup-epochs, or without --amp / with --amp-dtype bfloat16: resuming with the same settings would "
-            f"repeat the same steps")
+        skipped = self.guard.check(distributed=self.runtime.distributed, steps_per_epoch=self.steps_per_epoch,
+                                   accum_steps=self.args.grad_accum_steps, kept=kept)
+        if skipped:
+            self.accumulator.skipped_steps += skipped
+            self.runtime.log(f"note: fp16 overflow: the gradient scaler skipped {skipped} step(s) "
+                             f"({self.guard.skipped_total} in all)")
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def _micro_batches(self):
@@ -285,11 +236,11 @@ class Trainer:
             with sync:
                 with self.precision.autocast():
                     out = self.ddp_model(inputs, targets)
-                self._record_loss(out["loss"])
+                self.guard.record_loss(out["loss"])
                 self.scaler.scale(out["loss"] / args.grad_accum_steps).backward()
             out.update(self.task.train_metrics(out, targets))
             self.accumulator.add(out, self.task.batch_size(targets))
-        self._scaler_step()
+        self.guard.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.global_step += 1
