@@ -10,6 +10,13 @@ from benchmarks._report import Results, default_results_name
 from benchmarks._timing import CLOCKS, card_slug, configure_cpu, configure_gpu_math, environment
 
 
+def script_parser(doc: str, robust_cpu_defaults: bool = False) -> argparse.ArgumentParser:
+    """A benchmark script's parser: its docstring as the description, and the flags every script shares."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, robust_cpu_defaults)
+    return parser
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, robust_cpu_defaults: bool = False) -> None:
     """The flags every benchmark script shares.  With ``robust_cpu_defaults`` a CPU run defaults to one thread and
     the process's CPU time (``--threads 1 --clock cpu``), the mode that gives consistent numbers on a shared machine;

@@ -10,7 +10,6 @@ the bfloat16 step is expected to be slower.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -78,8 +77,7 @@ def run_bf16_benchmark(results: Results, *, methods=METHODS, batch: int = 64, pl
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _cli.add_common_arguments(parser)
+    parser = _cli.script_parser(__doc__)
     parser.add_argument("--batch", type=int, default=64, help="images per step (default 64, the demo's)")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (default 9)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")

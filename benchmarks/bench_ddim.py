@@ -26,7 +26,6 @@ of timing it.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from collections.abc import Mapping
@@ -475,8 +474,7 @@ def run_step_kernel_benchmark(results: Results, device, *, sizes_mb=SWEEP_MB, re
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _cli.add_common_arguments(parser, robust_cpu_defaults=True)
+    parser = _cli.script_parser(__doc__, robust_cpu_defaults=True)
     matrix = parser.add_mutually_exclusive_group()
     matrix.add_argument("--quick", action="store_true",
                         help=f"tiny shapes ({', '.join(QUICK_SHAPES)}), small sweep, no torch.compile: seconds")

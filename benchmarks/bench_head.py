@@ -14,7 +14,6 @@ and ours with the Triton backend captured in a CUDA graph (torch.cuda.make_graph
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -254,8 +253,7 @@ def run_head_benchmark(results: Results, device, *, shapes=DEFAULT_SHAPES, provi
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _cli.add_common_arguments(parser)
+    parser = _cli.script_parser(__doc__)
     parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                         help=f"comma-separated head shapes from: {', '.join(HEAD_SHAPES)}")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"from: {', '.join(PROVIDERS)}")

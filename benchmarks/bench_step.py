@@ -26,7 +26,6 @@ BatchNorm statistics), and reports the ratios the graphed step is meant to reach
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,8 +424,7 @@ def run_step_benchmark(results: Results, device, *, pairs=("imagenet", "cifar"),
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _cli.add_common_arguments(parser)
+    parser = _cli.script_parser(__doc__)
     parser.add_argument("--pairs", default="imagenet,cifar", help=f"comma-separated, from: {', '.join(PAIRS)}")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated, from: {', '.join(METHODS)} (default: those that run on the device)")
