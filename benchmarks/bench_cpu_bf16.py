@@ -23,7 +23,8 @@ from benchmarks import _cli  # noqa: E402
 from benchmarks._report import Results, make_table, print_section  # noqa: E402
 from benchmarks._timing import TimingPlan, time_interleaved  # noqa: E402
 from diffkd.cpu_features import cpu_supports_native_bf16  # noqa: E402
-from diffkd.distill import build_distiller, method_settings  # noqa: E402
+from diffkd.distill import build_distiller  # noqa: E402
+from diffkd.methods import method_settings  # noqa: E402
 from diffkd.models import create_model, default_taps  # noqa: E402
 
 TEACHER, STUDENT, INPUT_SIZE, CLASSES = "resnet14", "resnet8", (1, 28, 28), 10

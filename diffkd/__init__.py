@@ -1,7 +1,8 @@
 """diffkd: diffusion-based knowledge distillation (DiffKD, Huang et al., NeurIPS 2023), faithful and fast."""
 from diffkd._kernels_check import check_kernels_package
 check_kernels_package()  # before anything imports `kernels`: another package of that name fails here, clearly
-from diffkd.distill import Distiller, MethodSettings, build_distiller, method_settings
+from diffkd.distill import Distiller, build_distiller
+from diffkd.methods import MethodSettings, method_settings
 from diffkd.graphs import CUDAGraphHead
 from diffkd.losses import dist_loss, kl_div_loss, mse_loss
 from diffkd.modules import (Bneck, Denoiser, DiffKDHead, LinearAutoencoder, NoiseAdapter,

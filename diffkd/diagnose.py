@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from diffkd.distill import SETTING_NAMES, build_heads, method_settings
+from diffkd.methods import SETTING_NAMES, build_heads, method_settings
 from diffkd.losses import DISTANCES, mse_loss
 from diffkd.models import FeatureTaps, create_model, default_taps, match_spatial, probe_taps
 from diffkd.modules import DiffKDHead

@@ -1,4 +1,4 @@
-"""Distillation methods and the Distillers that train a student beside a frozen teacher.
+"""The Distillers that train a student beside a frozen teacher (the methods' settings and heads: diffkd.methods).
 
 A *head* distils one pair of tensors and returns a dict with ``loss`` (its weighted contribution) and its named
 terms.  Heads are named, and each name is bound (:class:`HeadBinding`) to a student tensor and a teacher tensor:
@@ -28,7 +28,7 @@ The contract every Distiller keeps with a training loop:
   ``head_modules()`` rather than ``heads.items()``), ``.teacher`` (not a submodule; kept in eval mode),
   ``.bindings``, ``trainable_parameters()`` (for the optimizer) and ``extra_parameter_count()`` (the heads:
   training-time only).
-- Loss weights come from :func:`method_settings` (``task=`` picks the detection or segmentation defaults).
+- Loss weights come from :func:`diffkd.methods.method_settings` (``task=`` picks the detection or segmentation defaults).
 - The student is evaluated apart from the Distiller: classification by its logits, detection with
   :func:`diffkd.models.evaluate_detection` (raw per-image detections for :class:`diffkd.metrics.DetectionEvaluator`),
   segmentation with :func:`diffkd.models.evaluate_segmentation` (a confusion matrix in a
@@ -37,226 +37,18 @@ The contract every Distiller keeps with a training loop:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffkd.losses import dist_loss, kl_div_loss, mse_loss
 from diffkd.models import TapSet, describe_spatial_match, match_spatial, probe_taps, unwrap_model
 from diffkd.models.detection import check_same_preprocessing, fpn_levels, match_fpn_levels
 from diffkd.models.segmentation import (IGNORE_INDEX, SCORE_MAP_TAP, check_same_classes, score_map_output,
                                         score_map_shape)
-from diffkd.modules import DiffKDHead
-
-METHODS = ("none", "kd", "dist", "mse", "diffkd")
-TASKS = ("classification", "detection", "segmentation")
-# kd and dist compare class probabilities, which FPN maps are not; mse on class scores is no method of the papers.
-TASK_METHODS = {"classification": METHODS, "detection": ("none", "mse", "diffkd"),
-                "segmentation": ("none", "kd", "dist", "diffkd")}
-HEAD_KINDS = ("feature", "logit")
-HEAD_SELECTIONS = {"feature": ("feature",), "logit": ("logit",), "both": ("feature", "logit")}
-LOGIT_DISTANCES = ("kl", "dist")
-
-
-@dataclass(frozen=True)
-class MethodSettings:
-    """Everything that defines a distillation method's losses; ``method_settings`` fills the recipe defaults."""
-
-    method: str = "diffkd"
-    ce_weight: float = 1.0          # the task loss: CE (classification, segmentation) or the detector's losses
-    kd_weight: float = 1.0          # the KD/DIST/MSE term, or each DiffKD head's KD term
-    kd_temperature: float = 1.0     # τ of KL and DIST (DiffKD's logit head included)
-    dist_beta: float = 1.0          # DIST inter-class weight
-    dist_gamma: float = 1.0         # DIST intra-class weight
-    diffusion_weight: float = 1.0   # DiffKD: the denoiser's diffusion loss
-    ae_weight: float = 1.0          # DiffKD: the feature head's autoencoder loss
-    heads: str = "both"             # DiffKD on classification: feature | logit | both
-    ae_channels: int = 0            # DiffKD feature head's autoencoder width; 0 = no autoencoder
-    nfe: int = 5                    # DiffKD: denoising steps
-    anm: bool = True                # DiffKD: adaptive noise matching
-    logit_distance: str = "kl"      # DiffKD's logit / score-map head: kl, or dist (the paper's DiffKD†)
-    timestep_start: str = "official"
-    backend: str = "auto"
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.heads not in HEAD_SELECTIONS:
-            raise ValueError(f"unknown heads {self.heads!r}; choose one of {', '.join(HEAD_SELECTIONS)}")
-        if self.logit_distance not in LOGIT_DISTANCES:
-            raise ValueError(f"unknown logit distance {self.logit_distance!r}; choose one of "
-                             f"{', '.join(LOGIT_DISTANCES)}")
-        if not isinstance(self.ae_channels, int) or self.ae_channels < 0:
-            raise ValueError(f"ae_channels must be an integer >= 0 (0 = no autoencoder), got {self.ae_channels!r}")
-        if not self.kd_temperature > 0:
-            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature!r}")
-        for name in ("ce_weight", "kd_weight", "diffusion_weight", "ae_weight", "dist_beta", "dist_gamma"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-
-    @property
-    def head_kinds(self) -> tuple[str, ...]:
-        """The tensors this method distils on a classifier (empty: the method needs no teacher)."""
-        return {"none": (), "kd": ("logit",), "dist": ("logit",), "mse": ("feature",),
-                "diffkd": HEAD_SELECTIONS[self.heads]}[self.method]
-
-
-# Loss weights per method and recipe column.  Tags: [paper] the DiffKD paper, [benchmark] the common CIFAR
-# benchmark's convention, [DIST] the segmentation code of DIST (Huang et al., NeurIPS 2022), [CIRKD] the
-# pixel-wise KD baseline of CIRKD (Yang et al., CVPR 2022), [ours] our choice where none says.
-# The CIFAR-100 column also serves Fashion-MNIST (small images, small models).
-_RECIPE_COLUMN = {"cifar100": "cifar", "fashion-mnist": "cifar", "imagenet": "imagenet"}
-# Datasets with dense targets, and the tasks they serve (the column is the task).
-_DENSE_DATASETS = {"fashion-scenes": ("detection", "segmentation"), "coco": ("detection",),
-                   "segfolder": ("segmentation",)}
-_METHOD_DEFAULTS = {
-    ("none", "cifar"): dict(ce_weight=1.0),
-    ("none", "imagenet"): dict(ce_weight=1.0),
-    ("kd", "cifar"): dict(ce_weight=0.1, kd_weight=0.9, kd_temperature=4.0),
-    ("kd", "imagenet"): dict(ce_weight=0.5, kd_weight=0.5, kd_temperature=1.0),
-    ("dist", "cifar"): dict(ce_weight=1.0, kd_weight=2.0, kd_temperature=4.0, dist_beta=1.0, dist_gamma=1.0),
-    ("dist", "imagenet"): dict(ce_weight=1.0, kd_weight=1.0, kd_temperature=1.0, dist_beta=1.0, dist_gamma=1.0),
-    ("mse", "cifar"): dict(ce_weight=1.0, kd_weight=1.0),
-    ("mse", "imagenet"): dict(ce_weight=1.0, kd_weight=1.0),
-    ("diffkd", "cifar"): dict(ce_weight=1.0, kd_weight=1.0, diffusion_weight=1.0, ae_weight=1.0, kd_temperature=1.0,
-                              ae_channels=0),
-    ("diffkd", "imagenet"): dict(ce_weight=1.0, kd_weight=1.0, diffusion_weight=1.0, ae_weight=1.0,
-                                 kd_temperature=1.0, ae_channels=1024),
-    # Detection: every FPN level, no autoencoder, DiffKD weight 5 and diffusion weight 1 [paper]; the FitNet-style
-    # mse baseline on the same levels, weight 1 [ours].
-    ("none", "detection"): dict(ce_weight=1.0),
-    ("mse", "detection"): dict(ce_weight=1.0, kd_weight=1.0),
-    ("diffkd", "detection"): dict(ce_weight=1.0, kd_weight=5.0, diffusion_weight=1.0, ae_weight=1.0,
-                                  kd_temperature=1.0, ae_channels=0),
-    # Segmentation, on the class-score map: pixel-wise KL with τ = 1 and weight 1 [CIRKD]; DIST with τ = 1,
-    # β = γ = 1, λ = 1 [DIST]; DiffKD with the DIST distance, λ = 1, no autoencoder [paper].
-    ("none", "segmentation"): dict(ce_weight=1.0),
-    ("kd", "segmentation"): dict(ce_weight=1.0, kd_weight=1.0, kd_temperature=1.0),
-    ("dist", "segmentation"): dict(ce_weight=1.0, kd_weight=1.0, kd_temperature=1.0, dist_beta=1.0, dist_gamma=1.0),
-    ("diffkd", "segmentation"): dict(ce_weight=1.0, kd_weight=1.0, diffusion_weight=1.0, ae_weight=1.0,
-                                     kd_temperature=1.0, ae_channels=0, logit_distance="dist"),
-}
-SETTING_NAMES = tuple(f.name for f in fields(MethodSettings))
-
-
-def _recipe_column(method: str, dataset: str, task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if method not in TASK_METHODS[task]:
-        raise ValueError(f"method {method!r} does not apply to {task}; choose one of {', '.join(TASK_METHODS[task])}")
-    if task == "classification":
-        if dataset not in _RECIPE_COLUMN:
-            dense = f" ({dataset!r} is a {' / '.join(_DENSE_DATASETS[dataset])} dataset)" \
-                if dataset in _DENSE_DATASETS else ""
-            raise ValueError(f"unknown dataset {dataset!r} for classification{dense}; choose one of "
-                             f"{', '.join(_RECIPE_COLUMN)}")
-        return _RECIPE_COLUMN[dataset]
-    if task not in _DENSE_DATASETS.get(dataset, ()):
-        choices = [name for name, tasks in _DENSE_DATASETS.items() if task in tasks]
-        raise ValueError(f"dataset {dataset!r} has no {task} targets; choose one of {', '.join(choices)}")
-    return task
-
-
-def method_settings(method: str, dataset: str, task: str = "classification", **overrides) -> MethodSettings:
-    """The method's settings for ``dataset`` and ``task`` (the recipe's defaults), with ``overrides`` (None values
-    ignored).  Detection and segmentation have their own defaults (see ``_METHOD_DEFAULTS``)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    column = _recipe_column(method, dataset, task)
-    unknown = sorted(set(overrides) - set(SETTING_NAMES))
-    if unknown:
-        raise ValueError(f"unknown method settings {unknown}; expected some of {', '.join(SETTING_NAMES)}")
-    values = dict(_METHOD_DEFAULTS[method, column])
-    values.update({name: value for name, value in overrides.items() if value is not None})
-    values["method"] = method
-    return MethodSettings(**values)
-
-
-# ---- heads -----------------------------------------------------------------------------------------------------
-class LogitDistillation(nn.Module):
-    """KL (τ²·KL, batchmean) or DIST between the student's and the teacher's logits.
-
-    On B×K×H×W class-score maps both work per pixel: softmax over the K classes of each pixel; KL is averaged
-    over pixels, DIST's inter-class term correlates each pixel's class distributions and its intra-class term each
-    class's scores over all pixels of the batch (as the DIST paper's segmentation code does).
-    """
-
-    def __init__(self, distance: str = "kl", *, weight: float = 1.0, temperature: float = 1.0, beta: float = 1.0,
-                 gamma: float = 1.0):
-        super().__init__()
-        if distance not in LOGIT_DISTANCES:
-            raise ValueError(f"unknown logit distance {distance!r}; choose one of {', '.join(LOGIT_DISTANCES)}")
-        self.distance, self.weight, self.temperature, self.beta, self.gamma = distance, weight, temperature, beta, gamma
-
-    def extra_repr(self) -> str:
-        return f"distance={self.distance!r}, weight={self.weight}, temperature={self.temperature}"
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.distance == "kl":
-            kd_loss = kl_div_loss(student_logits, teacher_logits, self.temperature)
-        else:
-            kd_loss = dist_loss(student_logits, teacher_logits, self.beta, self.gamma, self.temperature)
-        return {"loss": self.weight * kd_loss, "kd_loss": kd_loss}
-
-
-class FeatureRegression(nn.Module):
-    """The ``mse`` baseline: a 1×1 conv (student → teacher channels) + BatchNorm, then MSE to the teacher map."""
-
-    def __init__(self, student_channels: int, teacher_channels: int, *, weight: float = 1.0):
-        super().__init__()
-        self.weight = weight
-        self.proj = nn.Sequential(nn.Conv2d(student_channels, teacher_channels, kernel_size=1),
-                                  nn.BatchNorm2d(teacher_channels))
-
-    def forward(self, student_map: torch.Tensor, teacher_map: torch.Tensor) -> dict[str, torch.Tensor]:
-        kd_loss = mse_loss(self.proj(student_map), teacher_map)
-        return {"loss": self.weight * kd_loss, "kd_loss": kd_loss}
-
-
-def _logit_head(settings: MethodSettings) -> LogitDistillation:
-    """The kd / dist method's head."""
-    return LogitDistillation("kl" if settings.method == "kd" else "dist", weight=settings.kd_weight,
-                             temperature=settings.kd_temperature, beta=settings.dist_beta, gamma=settings.dist_gamma)
-
-
-def _diffkd_head(settings: MethodSettings, student_channels: int, teacher_channels: int, *, spatial: bool,
-                 distance: str, autoencoder: bool) -> DiffKDHead:
-    use_ae = autoencoder and settings.ae_channels > 0
-    return DiffKDHead(student_channels, teacher_channels, kernel_size=3 if spatial else 1, use_ae=use_ae,
-                      ae_channels=settings.ae_channels if use_ae else None, inference_steps=settings.nfe,
-                      timestep_start=settings.timestep_start, use_anm=settings.anm, distance=distance,
-                      temperature=settings.kd_temperature, kd_weight=settings.kd_weight,
-                      diffusion_weight=settings.diffusion_weight, ae_weight=settings.ae_weight,
-                      backend=settings.backend)
-
-
-def _feature_map_head(settings: MethodSettings, student_channels: int, teacher_channels: int) -> nn.Module:
-    """The mse / diffkd head on a pair of feature maps (classification features, FPN levels)."""
-    if settings.method == "mse":
-        return FeatureRegression(student_channels, teacher_channels, weight=settings.kd_weight)
-    return _diffkd_head(settings, student_channels, teacher_channels, spatial=True, distance="mse", autoencoder=True)
-
-
-def build_heads(settings: MethodSettings, student_shapes: Mapping[str, tuple[int, ...]],
-                teacher_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, nn.Module]:
-    """A classifier's heads for ``settings.method``, given its feature/logit shapes (without batch dimension)."""
-    heads: dict[str, nn.Module] = {}
-    for kind in settings.head_kinds:
-        s_channels, t_channels = student_shapes[kind][0], teacher_shapes[kind][0]
-        if kind == "logit" and s_channels != t_channels:
-            raise ValueError(f"the student predicts {s_channels} classes and the teacher {t_channels}: logit "
-                             "distillation needs the same classes (build both models with the same num_classes)")
-        if settings.method in ("kd", "dist"):
-            heads[kind] = _logit_head(settings)
-        elif kind == "feature":
-            heads[kind] = _feature_map_head(settings, s_channels, t_channels)
-        else:
-            heads[kind] = _diffkd_head(settings, s_channels, t_channels, spatial=False,
-                                       distance=settings.logit_distance, autoencoder=False)
-    return heads
-
+from diffkd.methods import (HEAD_KINDS, TASK_METHODS, MethodSettings, build_heads, diffkd_head, feature_map_head,
+                            logit_head)
 
 # ---- the Distillers ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -591,9 +383,9 @@ def build_detection_distiller(settings: MethodSettings, student: nn.Module, teac
         channel_counts = sorted({level.channels for pair in pairs for level in pair})
         if len(channel_counts) > 1:
             raise ValueError(f"one shared head needs the same channels on every FPN level, got {channel_counts}")
-        heads = {"fpn": _feature_map_head(settings, channel_counts[0], channel_counts[0])}
+        heads = {"fpn": feature_map_head(settings, channel_counts[0], channel_counts[0])}
     else:
-        heads = {name: _feature_map_head(settings, student_level.channels, teacher_level.channels)
+        heads = {name: feature_map_head(settings, student_level.channels, teacher_level.channels)
                  for name, (student_level, teacher_level) in zip(names, pairs)}
     sharing = "one head shared by all levels" if share_head else "one head per level"
     log(f"detection {settings.method} heads: {len(pairs)} FPN levels matched by stride, {sharing}")
@@ -623,11 +415,11 @@ def build_segmentation_distiller(settings: MethodSettings, student: nn.Module, t
     student_shape, teacher_shape = score_map_shape(student, input_size), score_map_shape(teacher, input_size)
     check_same_classes(student_shape[0], teacher_shape[0], student, teacher)
     if settings.method == "diffkd":
-        head = _diffkd_head(settings, student_shape[0], teacher_shape[0], spatial=True,
+        head = diffkd_head(settings, student_shape[0], teacher_shape[0], spatial=True,
                             distance=settings.logit_distance, autoencoder=False)
         what = f"DiffKD, {settings.logit_distance} distance"
     else:
-        head = _logit_head(settings)
+        head = logit_head(settings)
         what = "pixel-wise KL divergence" if settings.method == "kd" else "DIST per pixel"
     log(f"score-map head ({what}, τ = {settings.kd_temperature:g}): student {SCORE_MAP_TAP} "
         f"{_format_shape(student_shape)} -> teacher {SCORE_MAP_TAP} {_format_shape(teacher_shape)}")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from diffkd.distill import (DetectionDistiller, FeatureRegression, HeadBinding, build_detection_distiller,
-                            method_settings)
+from diffkd.distill import DetectionDistiller, HeadBinding, build_detection_distiller
+from diffkd.methods import FeatureRegression, method_settings
 from diffkd.models import (FPNLevel, build_detector, evaluate_detection, fpn_levels, match_fpn_levels, probe_taps,
                            save_checkpoint_benchmark_format)
 from diffkd.modules import DiffKDHead

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffkd.distill import (Distiller, FeatureRegression, HeadBinding, LogitDistillation, MethodSettings,
-                            build_distiller, method_settings)
+from diffkd.distill import Distiller, HeadBinding, build_distiller
+from diffkd.methods import FeatureRegression, LogitDistillation, MethodSettings, method_settings
 from diffkd.losses import kl_div_loss
 from diffkd.models import create_model, default_taps
 from diffkd.modules import DiffKDHead

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffkd.distill import build_segmentation_distiller, method_settings
+from diffkd.distill import build_segmentation_distiller
+from diffkd.methods import method_settings
 from diffkd.losses import dist_loss, kl_div_loss
 from diffkd.metrics import SegmentationMetric
 from diffkd.models import build_segmenter, evaluate_segmentation, save_checkpoint_benchmark_format

@@ -5,7 +5,7 @@ import pytest
 import timm
 import yaml
 
-from diffkd.distill import SETTING_NAMES, method_settings
+from diffkd.methods import SETTING_NAMES, method_settings
 from diffkd.models import list_cifar_models
 from diffkd.models.segmentation import SEGMENTERS
 from diffkd.train.cli import parse_args

@@ -15,7 +15,8 @@ from torch import nn
 
 import kernels
 from diffkd.data import build_datasets, build_loader, subset
-from diffkd.distill import SETTING_NAMES, Distiller, build_distiller, method_settings
+from diffkd.distill import Distiller, build_distiller
+from diffkd.methods import SETTING_NAMES, method_settings
 from diffkd.graphs import CUDAGraphHead, head_path
 from diffkd.models import create_model, default_taps
 from diffkd.modules import DiffKDHead

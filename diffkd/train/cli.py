@@ -13,7 +13,7 @@ import yaml
 
 from diffkd.data import DATASET_NAMES
 from diffkd.data.recipes import DETECTION_DATASET_NAMES, SEGMENTATION_DATASET_NAMES
-from diffkd.distill import HEAD_SELECTIONS, LOGIT_DISTANCES, METHODS
+from diffkd.methods import HEAD_SELECTIONS, LOGIT_DISTANCES, METHODS
 from diffkd.schedule import TIMESTEP_STARTS
 from diffkd.train.errors import UsageError
 from diffkd.train.tasks import TASK_NAMES

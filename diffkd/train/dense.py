@@ -20,7 +20,8 @@ from diffkd.data import build_loader, subset
 from diffkd.data.dense import detection_collate, segmentation_collate
 from diffkd.data.recipes import build_dense_datasets
 from diffkd.data.scenes import SceneConfig
-from diffkd.distill import SETTING_NAMES, build_detection_distiller, build_segmentation_distiller, method_settings
+from diffkd.distill import build_detection_distiller, build_segmentation_distiller
+from diffkd.methods import SETTING_NAMES, method_settings
 from diffkd.metrics import DetectionEvaluator, SegmentationMetric
 from diffkd.models.detection import DETECTION_BACKBONES, DETECTORS, build_detector, evaluate_detection
 from diffkd.models.segmentation import SEGMENTERS, build_segmenter, evaluate_segmentation, score_map_output
