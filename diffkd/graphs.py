@@ -72,7 +72,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from kernels._common import TRITON_DTYPES, triton_importable, validate_backend_name
+from kernels._common import AUTO_TRITON_IN_GRAPHS, TRITON_DTYPES, triton_importable, validate_backend_name
 
 SELF_CHECK_TOLERANCE = 1e-3  # relative error; the same kernels differ only by reduction order (atomics, TF32)
 WARMUP_ITERATIONS = 3        # make_graphed_callables' default
@@ -187,7 +187,11 @@ def _backend_in_graph(head: nn.Module, dtype: torch.dtype) -> str:
     prediction without CUDA tensors; a capture itself asks ``kernels.resolve_backend``)."""
     requested = validate_backend_name(getattr(head, "backend", "torch"))
     uses_triton = requested != "torch" and triton_importable() and dtype in TRITON_DTYPES
-    return "Triton" if uses_triton else "torch"
+    if not uses_triton:
+        return "torch"
+    if requested == "auto" and not all(AUTO_TRITON_IN_GRAPHS.values()):  # "auto" follows the per-op table
+        return "Triton and torch" if any(AUTO_TRITON_IN_GRAPHS.values()) else "torch"
+    return "Triton"
 
 
 def _eager_path(head: nn.Module, like: torch.Tensor | None) -> str:
@@ -212,7 +216,8 @@ def _parameter_device_and_dtype(head: nn.Module) -> tuple[torch.device, torch.dt
 
 
 def head_path(head: nn.Module, device: torch.device | str | None = None) -> str:
-    """"eager torch", "eager Triton", "graphed torch" or "graphed Triton": the path a training call of ``head`` on
+    """"eager torch", "eager Triton", "graphed torch", "graphed Triton" (or "graphed Triton and torch" when the
+    per-op table of kernels._common sends some ops to PyTorch inside graphs): the path a training call of ``head`` on
     ``device`` (default: its parameters' device) runs.  For a CUDAGraphHead: the path its last call ran, or before
     any call the path it will try."""
     bare = head.head if isinstance(head, CUDAGraphHead) else head
