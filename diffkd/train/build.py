@@ -50,21 +50,30 @@ def micro_batch_size(args: argparse.Namespace, runtime: Runtime) -> int:
 
 def build_data(args: argparse.Namespace, runtime: Runtime, *, test_only: bool = False) -> Data:
     """The loaders of a classification run (``test_only``: the test loader alone, for evaluation)."""
+    return load_data(args, runtime, lambda: build_datasets(args.dataset, args.data_dir, augment_seed=args.seed),
+                     test_only=test_only, in_memory=args.dataset != "imagenet", subsets=True)
+
+
+def load_data(args: argparse.Namespace, runtime: Runtime, datasets: Callable[[], tuple], *, test_only: bool,
+              in_memory: bool, subsets: bool, collate: Callable | None = None, what: str | None = None) -> Data:
+    """The run's loaders over ``datasets()`` = (train, test, info): --train-subset / --val-subset (when
+    ``subsets``; a dataset may apply them itself), per-process batches, workers (none for in-memory data by
+    default).  Bad data or settings become a UsageError naming ``what`` (default: the dataset)."""
     micro_batch = micro_batch_size(args, runtime)
     try:
-        train_ds, val_ds, info = build_datasets(args.dataset, args.data_dir, augment_seed=args.seed)
-        if args.train_subset:
+        train_ds, val_ds, info = datasets()
+        if subsets and args.train_subset:
             train_ds = subset(train_ds, min(args.train_subset, len(train_ds)), seed=args.seed)
-        if args.val_subset:
+        if subsets and args.val_subset:
             val_ds = subset(val_ds, min(args.val_subset, len(val_ds)), seed=args.seed)
-        in_memory = args.dataset != "imagenet"
         workers = args.workers if args.workers is not None else (0 if in_memory else min(8, os.cpu_count() or 1))
         train_loader = None if test_only else build_loader(train_ds, micro_batch, train=True, num_workers=workers,
-                                                           distributed=runtime.distributed, seed=args.seed)
+                                                           distributed=runtime.distributed, seed=args.seed,
+                                                           collate_fn=collate)
         val_loader = build_loader(val_ds, args.eval_batch_size or 2 * micro_batch, train=False,
-                                  num_workers=workers, distributed=runtime.distributed)
+                                  num_workers=workers, distributed=runtime.distributed, collate_fn=collate)
     except (OSError, ValueError) as error:
-        raise UsageError(f"dataset {args.dataset}: {error}") from None
+        raise UsageError(f"dataset {what or args.dataset}: {error}") from None
     return Data(train_loader, val_loader, info, micro_batch, len(train_ds), len(val_ds))
 
 

@@ -9,14 +9,12 @@ Models are named like torchvision's builders: detectors ``fasterrcnn_resnet50_fp
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from diffkd.data import build_loader, subset
 from diffkd.data.dense import detection_collate, segmentation_collate
 from diffkd.data.recipes import build_dense_datasets
 from diffkd.data.scenes import SceneConfig
@@ -25,7 +23,7 @@ from diffkd.methods import SETTING_NAMES, method_settings
 from diffkd.metrics import DetectionEvaluator, SegmentationMetric
 from diffkd.models.detection import DETECTION_BACKBONES, DETECTORS, build_detector, evaluate_detection
 from diffkd.models.segmentation import SEGMENTERS, build_segmenter, evaluate_segmentation, score_map_output
-from diffkd.train.build import Data, check_backend, micro_batch_size
+from diffkd.train.build import Data, check_backend, load_data
 from diffkd.train.errors import UsageError
 from diffkd.train.runtime import Precision, Runtime, StopRequest
 from diffkd.train.tasks import move_images, stoppable
@@ -36,8 +34,7 @@ PREDICTION_IMAGES = 4  # test images drawn in plots/predictions.png
 
 
 def _dense_data(args: argparse.Namespace, runtime: Runtime, task: str, collate, test_only: bool) -> Data:
-    micro_batch = micro_batch_size(args, runtime)
-    try:
+    def datasets():
         options = {}
         if args.dataset == "fashion-scenes":
             # Scene i depends only on its index, so N scenes are the first N of any larger set.
@@ -49,22 +46,12 @@ def _dense_data(args: argparse.Namespace, runtime: Runtime, task: str, collate, 
             options = dict(num_classes=args.num_classes, crop_size=args.image_size)
         train_ds, val_ds, info = build_dense_datasets(task, args.dataset, args.data_dir, augment_seed=args.seed,
                                                       **options)
-        if args.dataset != "fashion-scenes":
-            if args.train_subset:
-                train_ds = subset(train_ds, min(args.train_subset, len(train_ds)), seed=args.seed)
-            if args.val_subset:
-                val_ds = subset(val_ds, min(args.val_subset, len(val_ds)), seed=args.seed)
-        workers = args.workers if args.workers is not None else (0 if args.dataset == "fashion-scenes"
-                                                                 else min(8, os.cpu_count() or 1))
-        train_loader = None if test_only else build_loader(train_ds, micro_batch, train=True, num_workers=workers,
-                                                           distributed=runtime.distributed, seed=args.seed,
-                                                           collate_fn=collate)
-        val_loader = build_loader(val_ds, args.eval_batch_size or 2 * micro_batch, train=False, num_workers=workers,
-                                  distributed=runtime.distributed, collate_fn=collate)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"dataset {args.dataset} ({task}): {error}") from None
-    info.setdefault("image_size", args.image_size)
-    return Data(train_loader, val_loader, info, micro_batch, len(train_ds), len(val_ds))
+        info.setdefault("image_size", args.image_size)
+        return train_ds, val_ds, info
+
+    scenes = args.dataset == "fashion-scenes"
+    return load_data(args, runtime, datasets, test_only=test_only, in_memory=scenes, subsets=not scenes,
+                     collate=collate, what=f"{args.dataset} ({task})")
 
 
 def _built(what: str, build):
