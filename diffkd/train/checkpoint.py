@@ -15,6 +15,7 @@ import torch
 
 from diffkd.files import load_weights_file, save_atomically
 from diffkd.train.errors import UsageError
+from diffkd.train.tasks import task_of
 
 CHECKPOINT_FORMAT = "diffkd.train"
 CHECKPOINT_VERSION = 2
@@ -90,7 +91,6 @@ def export_student(checkpoint: dict, path: Path) -> None:
     """The student of a training checkpoint alone, in the CIFAR benchmark's format: ``{"model": state_dict}``
     plus ``epoch`` (completed epochs), ``accuracy`` (the last test value of the task's metric: top-1, mAP or mIoU),
     ``arch`` (the model name), ``dataset`` and ``task`` (read back by ``python -m diffkd.eval``); written atomically."""
-    from diffkd.train.tasks import task_of
     key = "val_" + task_of(checkpoint["args"].get("task", "classification")).metric
     evaluated = [row[key] for row in checkpoint["history"] if key in row]
     content = {"model": checkpoint["student"], "epoch": checkpoint["epoch"],
