@@ -33,7 +33,7 @@ def resolve_new_run(args: argparse.Namespace) -> list[str]:
     """Fills in what a new run records: absolute paths, the teacher's hash, the device, the threads and the
     precision; returns notes for the log."""
     if args.teacher_ckpt == "demo":
-        from diffkd.train.demo import cached_demo_teacher
+        from diffkd.train.demo import cached_demo_teacher  # demo imports this module
         args.teacher, args.teacher_ckpt = cached_demo_teacher(args.dataset, args.teacher)
     args.data_dir, args.output = resolve_path(args.data_dir), resolve_path(args.output)
     args.teacher_ckpt = resolve_path(args.teacher_ckpt)

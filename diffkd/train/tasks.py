@@ -115,6 +115,6 @@ def task_of(name: str):
     if name == "classification":
         return ClassificationTask
     if name in ("detection", "segmentation"):
-        from diffkd.train.dense import DetectionTask, SegmentationTask  # torchvision's detection code loads lazily
+        from diffkd.train.dense import DetectionTask, SegmentationTask  # dense imports this module
         return DetectionTask if name == "detection" else SegmentationTask
     raise UsageError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
