@@ -46,6 +46,10 @@ class DetectionEvaluator:
     loaders of diffkd.data.loaders give each rank its own images). COCO's evaluation keeps the 100
     highest-scoring detections per image.
 
+    Detections labelled 0 (the background slot, which RetinaNet and FCOS score like any class, and often pick early
+    in training) are dropped before evaluation, as torchvision's reference evaluation effectively does (label 0
+    maps to no COCO category); `background_dropped` counts them, for the log. Labels above K are refused.
+
     `backend`: faster-coco-eval (the default, a C++ port of COCO's evaluation) or pycocotools (COCO's own code);
     both give identical numbers, faster-coco-eval in a third to a half of the time
     (benchmarks/bench_coco_eval.py).
@@ -63,6 +67,7 @@ class DetectionEvaluator:
         self.category_ids = np.asarray(category_ids, dtype=np.int64)
         self._image_ids: set[int] = set()
         self._detections: list[np.ndarray] = []  # rows (image id, x, y, width, height, score, category id)
+        self.background_dropped = 0  # detections labelled 0, left out of the evaluation
 
     @classmethod
     def for_dataset(cls, dataset: Any, **options: Any) -> DetectionEvaluator:
@@ -77,8 +82,8 @@ class DetectionEvaluator:
         self._image_ids.update(image_ids)
 
     def update(self, predictions: Sequence[Mapping[str, torch.Tensor]], targets_or_ids: Sequence[Any]) -> None:
-        """Add one batch: per image a dict of `boxes` (k×4 xyxy), `scores` (k) and `labels` (k, 1..K), and the
-        images' ids (ints or dicts with an `image_id`)."""
+        """Add one batch: per image a dict of `boxes` (k×4 xyxy), `scores` (k) and `labels` (k, 0..K; those
+        labelled 0 are dropped and counted), and the images' ids (ints or dicts with an `image_id`)."""
         image_ids = _image_ids_of(targets_or_ids)
         if len(image_ids) != len(predictions):
             raise ValueError(f"got {len(predictions)} predictions for {len(image_ids)} images; give one per image")
@@ -90,9 +95,12 @@ class DetectionEvaluator:
             if not len(boxes) == len(scores) == len(labels):
                 raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores and {len(labels)} "
                                  f"labels; a detection needs all three")
-            if labels.size and not (labels.min() >= 1 and labels.max() <= len(self.category_ids)):
-                raise ValueError(f"image {image_id}: labels must be in 1..{len(self.category_ids)} (0 is the "
-                                 f"background), found {labels.min()}..{labels.max()}")
+            if labels.size and not (labels.min() >= 0 and labels.max() <= len(self.category_ids)):
+                raise ValueError(f"image {image_id}: labels must be in 1..{len(self.category_ids)} (0, the "
+                                 f"background, is dropped), found {labels.min()}..{labels.max()}")
+            foreground = labels > 0
+            self.background_dropped += int((~foreground).sum())
+            boxes, scores, labels = boxes[foreground], scores[foreground], labels[foreground]
             rows.append(np.column_stack([np.full(len(boxes), image_id, dtype=np.float64), boxes[:, :2],
                                          boxes[:, 2:] - boxes[:, :2], scores,
                                          self.category_ids[labels - 1].astype(np.float64)]))
@@ -101,15 +109,18 @@ class DetectionEvaluator:
 
     def state(self) -> dict[str, torch.Tensor]:
         """What this evaluator has seen: `image_ids` (int64) and `detections` (float64 N×7 rows of image id, x, y,
-        width, height, score, category id), to gather from every rank and `merge_state` into one evaluator."""
+        width, height, score, category id) and `background_dropped`, to gather from every rank and `merge_state` into
+        one evaluator."""
         detections = np.concatenate(self._detections) if self._detections else np.zeros((0, 7))
         return {"image_ids": torch.tensor(sorted(self._image_ids), dtype=torch.int64),
-                "detections": torch.from_numpy(detections)}
+                "detections": torch.from_numpy(detections),
+                "background_dropped": torch.tensor(self.background_dropped, dtype=torch.int64)}
 
     def merge_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Add another evaluator's `state()` (another rank's images, none of them seen here)."""
         self._add_images(state["image_ids"].tolist())
         self._detections.append(state["detections"].to(torch.float64).numpy().reshape(-1, 7))
+        self.background_dropped += int(state.get("background_dropped", 0))
 
     def compute(self) -> dict[str, float]:
         """{"map": mAP@[.5:.95], "map50": mAP@.5} in percent over the images seen; NaN when none of them holds a

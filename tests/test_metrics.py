@@ -107,12 +107,24 @@ def test_merged_rank_states_equal_one_evaluator():
         merged.merge_state(ranks[0].state())
 
 
+def test_detections_labelled_background_are_dropped_and_counted(backend):
+    # RetinaNet and FCOS score label 0 like any class: those detections are left out, the others scored as usual.
+    evaluator = DetectionEvaluator(GROUND_TRUTH, CATEGORY_IDS, backend=backend)
+    evaluator.update([detections([*CAT_BOXES, DOG_BOX], [0.9, 0.8, 0.95], [1, 1, 0]),
+                      detections([DOG_BOX, DOG_BOX], [0.99, 0.7], [0, 2]), nothing()], [10, 20, 30])
+    assert evaluator.background_dropped == 2
+    assert evaluator.compute() == {"map": pytest.approx(100), "map50": pytest.approx(100)}
+    merged = DetectionEvaluator(GROUND_TRUTH, CATEGORY_IDS, backend=backend)
+    merged.merge_state(evaluator.state())
+    assert merged.background_dropped == 2
+
+
 def test_bad_detection_inputs_are_refused():
     evaluator = DetectionEvaluator(GROUND_TRUTH, CATEGORY_IDS)
     with pytest.raises(ValueError, match="no image was evaluated"):
         evaluator.compute()
     with pytest.raises(ValueError, match="labels must be in 1..2"):
-        evaluator.update([detections([DOG_BOX], [0.5], [0])], [20])
+        evaluator.update([detections([DOG_BOX], [0.5], [3])], [20])
     with pytest.raises(ValueError, match="one per image"):
         evaluator.update([nothing()], [10, 20])
     with pytest.raises(ValueError, match="evaluated twice"):

@@ -186,6 +186,9 @@ class DetectionTask(DenseTask):
             evaluator = DetectionEvaluator.for_dataset(loader.dataset)
             for state in states:
                 evaluator.merge_state(state)
+        if evaluator.background_dropped:
+            runtime.log(f"evaluation: {evaluator.background_dropped} detection(s) labelled 0 (the background slot, "
+                        f"which RetinaNet and FCOS also score) left out, as no COCO category is 0")
         return evaluator.compute()
 
     @staticmethod
