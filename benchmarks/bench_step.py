@@ -43,7 +43,7 @@ from benchmarks._timing import TimingPlan, is_gpu, time_candidates, time_left  #
 from benchmarks.naive_head import NaiveDiffKDHead, PaperScheduler  # noqa: E402
 from diffkd import CUDAGraphHead, DiffKDHead, kl_div_loss  # noqa: E402
 from diffkd.graphs import SELF_CHECK_TOLERANCE, StepRecord, compare_steps, head_path, kernels_as_captured  # noqa: E402
-from diffkd.models import FeatureTaps, create_model, default_taps, match_spatial, probe_taps  # noqa: E402
+from diffkd.models import FeatureLogitTaps, create_model, default_taps, match_spatial, probe_taps  # noqa: E402
 from kernels._common import interpreter_enabled  # noqa: E402
 
 METHODS = ("none", "kd", "diffkd-paper", "diffkd-torch", "diffkd-triton", "diffkd-graphed", "diffkd-compile")
@@ -119,7 +119,7 @@ class TrainingSetup:
         for role, model, name in (("teacher", self.teacher, pair.teacher), ("student", self.student, pair.student)):
             feature, logits = default_taps(name, model, input_size)
             shapes[role] = probe_taps(model, [feature, logits], input_size)[feature]
-            self.taps[role] = FeatureTaps(model, feature, logits)
+            self.taps[role] = FeatureLogitTaps(model, feature, logits)
         self.tap_names = {role: taps.feature_module for role, taps in self.taps.items()}
         self.feature_shapes = shapes
         self.head_kwargs = {

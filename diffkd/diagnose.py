@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from diffkd.methods import SETTING_NAMES, build_heads, method_settings
 from diffkd.losses import DISTANCES, mse_loss
-from diffkd.models import FeatureTaps, create_model, default_taps, match_spatial, probe_taps
+from diffkd.models import FeatureLogitTaps, create_model, default_taps, match_spatial, probe_taps
 from diffkd.modules import DiffKDHead
 
 DEFAULT_NFES = (1, 2, 3, 5, 10, 20)
@@ -141,7 +141,7 @@ def _clean_estimate(head: DiffKDHead, x: torch.Tensor, t: int) -> torch.Tensor:
     return (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
 
 
-def _head_inputs(student: nn.Module, teacher: nn.Module, taps: Mapping[str, FeatureTaps],
+def _head_inputs(student: nn.Module, teacher: nn.Module, taps: Mapping[str, FeatureLogitTaps],
                  images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """What each head distils for one batch: the logits, and the feature maps (the larger pooled to the other)."""
     inputs = {"logit": (student(images), teacher(images))}
@@ -180,7 +180,7 @@ def diagnose_heads(student: nn.Module, teacher: nn.Module, heads: Mapping[str, n
         raise ValueError("a feature head needs feature_taps=(student module, teacher module) naming the feature maps")
     for module in (student, teacher, *heads.values()):
         module.eval()
-    taps = ({"student": FeatureTaps(student, feature_taps[0]), "teacher": FeatureTaps(teacher, feature_taps[1])}
+    taps = ({"student": FeatureLogitTaps(student, feature_taps[0]), "teacher": FeatureLogitTaps(teacher, feature_taps[1])}
             if "feature" in heads else {})
     sweeps = {name: sorted(set(nfes) | {head.inference_steps}) for name, head in heads.items()}
     totals = {name: _Accumulator() for name in heads}

@@ -10,7 +10,7 @@ from diffkd import DiffKDHead, diagnose, load_official_state_dict
 from diffkd import eval as diffkd_eval
 from diffkd import train
 from diffkd.data import build_datasets, build_loader
-from diffkd.models import FeatureTaps, create_model, default_taps, load_checkpoint, match_spatial
+from diffkd.models import FeatureLogitTaps, create_model, default_taps, load_checkpoint, match_spatial
 from test_train import data_dir, distill, run_cli, teacher_ckpt  # noqa: F401  (fixtures)
 
 NFES = (1, 2, 3, 5)
@@ -45,7 +45,7 @@ def _independent_kd_losses(checkpoint, batches, seed):
     student.load_state_dict(checkpoint["student"])
     teacher = create_model(run_args["teacher"], num_classes=10, in_chans=1)
     load_checkpoint(teacher, run_args["teacher_ckpt"])
-    taps = {role: FeatureTaps(model, default_taps(run_args[role], model, (1, 28, 28))[0])
+    taps = {role: FeatureLogitTaps(model, default_taps(run_args[role], model, (1, 28, 28))[0])
             for role, model in (("student", student), ("teacher", teacher))}
     heads = {}
     for name, kernel_size in (("feature", 3), ("logit", 1)):

@@ -291,7 +291,7 @@ def test_spatial_head_needs_width_eight():
     ((2, 4, 4, 4), (2, 8, 3, 3), r"spatial sizes differ: \(4, 4\) vs \(3, 3\)"),
     ((1, 4, 3, 3), (1, 8, 3, 3), "a batch of one cannot be trained"),
     ((2, 4, 3, 3), (2, 8), "same layout"),
-    ((2, 5, 4), (2, 5, 8), "square N"),
+    ((2, 5, 4), (2, 6, 8), r"spatial sizes differ: \(5, 1\) vs \(6, 1\)"),  # sequences: B×C×N×1
 ])
 def test_bad_inputs(student, teacher, message):
     head = DiffKDHead(4, 8)

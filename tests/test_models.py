@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffkd.models import (FeatureTaps, create_model, default_taps, describe_spatial_match, list_cifar_models,
+from diffkd.models import (FeatureLogitTaps, create_model, default_taps, describe_spatial_match, list_cifar_models,
                            load_checkpoint, match_spatial, probe_taps, save_checkpoint_benchmark_format,
                            tokens_to_map)
 
@@ -159,7 +159,7 @@ def test_cifar_model(name):
     assert num_params(model) == EXPECTED_PARAMS[name](NUM_CLASSES, 3)
     feature_tap, logits_tap = default_taps(name, model)
     side = LAST_MAP_SIDE[name]
-    with FeatureTaps(model, feature_tap, logits_tap) as taps, torch.no_grad():
+    with FeatureLogitTaps(model, feature_tap, logits_tap) as taps, torch.no_grad():
         for size in (32, 28):
             logits = model(torch.randn(2, 3, size, size))
             assert logits.shape == (2, NUM_CLASSES) and torch.isfinite(logits).all()
@@ -446,19 +446,19 @@ def test_tap_names_are_checked_with_close_matches():
     model = create_model("resnet8x4")
     with pytest.raises(ValueError, match=r"resnet8x4 \(CifarResNet\) has no module named 'layer33'\. Close matches: "
                                          r"layer3.*top-level modules are: conv1, bn1, relu, layer1"):
-        FeatureTaps(model, "layer33", "fc")
+        FeatureLogitTaps(model, "layer33", "fc")
     assert not any(module._forward_hooks for module in model.modules())  # the valid hook was not left behind
 
 
 def test_taps_are_removed_on_exit_and_see_through_wrappers():
     model = create_model("resnet8")
-    with FeatureTaps(nn.DataParallel(model), "avgpool:input") as taps:
+    with FeatureLogitTaps(nn.DataParallel(model), "avgpool:input") as taps:
         model(torch.randn(2, 3, 32, 32))
         assert taps.feature.shape == (2, 64, 8, 8)
         with pytest.raises(RuntimeError, match="created without a logits module"):
             taps.logits
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
-    with FeatureTaps(model, "layer3") as taps, pytest.raises(RuntimeError, match="has captured nothing yet"):
+    with FeatureLogitTaps(model, "layer3") as taps, pytest.raises(RuntimeError, match="has captured nothing yet"):
         taps.feature
 
 
@@ -506,7 +506,7 @@ def test_timm_vit_taps_give_maps_without_the_class_token():
     channels = model.num_features
     side = 32 // model.patch_embed.patch_size[0]
     assert shapes == {"norm": (1, channels, side, side), "head": (1, NUM_CLASSES)}
-    with FeatureTaps(model, feature_tap, logits_tap) as taps, torch.no_grad():
+    with FeatureLogitTaps(model, feature_tap, logits_tap) as taps, torch.no_grad():
         logits = model(torch.randn(2, 3, 32, 32))
         tokens = taps.captured("norm")
         assert tokens.shape == (2, model.num_prefix_tokens + side * side, channels)
@@ -538,7 +538,7 @@ class ChannelsLastNet(nn.Module):
 def test_channels_last_features_are_permuted():
     model = ChannelsLastNet()
     assert default_taps("channels-last", model, input_size=(3, 16, 16)) == ("norm", "head")
-    with FeatureTaps(model, "norm") as taps:
+    with FeatureLogitTaps(model, "norm") as taps:
         model(torch.randn(2, 3, 16, 16))
         assert taps.feature.shape == (2, 6, 4, 4)
         torch.testing.assert_close(taps.feature[1, :, 2, 3], taps.captured("norm")[1, 2, 3])

@@ -13,7 +13,7 @@ from diffkd.models.detection import (DETECTION_BACKBONES, DETECTORS, FPNLevel, b
                                      fpn_levels, match_fpn_levels)
 from diffkd.models.factory import create_model, list_cifar_models
 from diffkd.models.segmentation import SEGMENTERS, build_segmenter, evaluate_segmentation
-from diffkd.models.taps import (FeatureTaps, TapSet, default_taps, describe_spatial_match, entry_tap, infer_input_size,
+from diffkd.models.taps import (FeatureLogitTaps, FeatureTaps, TapSet, default_taps, describe_spatial_match, entry_tap, infer_input_size,
                                 match_spatial, probe_taps, to_feature_map, tokens_to_map)
 
 __all__ = [
@@ -21,6 +21,6 @@ __all__ = [
     "load_checkpoint", "save_checkpoint_benchmark_format", "CheckpointInfo", "unwrap_model", "describe_architecture",
     "build_detector", "DETECTORS", "DETECTION_BACKBONES", "fpn_levels", "match_fpn_levels", "FPNLevel",
     "evaluate_detection", "build_segmenter", "SEGMENTERS", "evaluate_segmentation",
-    "FeatureTaps", "TapSet", "default_taps", "probe_taps", "infer_input_size", "entry_tap",
+    "FeatureTaps", "FeatureLogitTaps", "TapSet", "default_taps", "probe_taps", "infer_input_size", "entry_tap",
     "tokens_to_map", "to_feature_map", "match_spatial", "describe_spatial_match",
 ]

@@ -167,7 +167,7 @@ def _find_module(model: nn.Module, name: str) -> nn.Module:
 
 
 class TapSet:
-    """Forward (pre-)hooks on the named taps; the latest captured tensor of each lives in :attr:`features`.
+    """Forward (pre-)hooks on the named taps; :meth:`captured` returns the latest tensor each captured.
 
     Usable as a context manager; :meth:`remove` takes the hooks off.  Hooks are registered on the model inside
     DDP / torch.compile wrappers, so names are the bare model's.
@@ -176,7 +176,7 @@ class TapSet:
     def __init__(self, model: nn.Module, taps: Sequence[str]):
         self.model = unwrap_model(model)
         self.taps = list(dict.fromkeys(taps))
-        self.features: dict[str, torch.Tensor] = {}
+        self._captured: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = dict.fromkeys(self.taps, 0)
         output_fmt = getattr(self.model, "output_fmt", "NCHW")
         self.channels_last = str(getattr(output_fmt, "value", output_fmt)).upper() == "NHWC"
@@ -201,7 +201,7 @@ class TapSet:
             raise ValueError(f"tap {tap!r} on {describe_architecture(self.model)} produced a "
                              f"{type(value).__name__}, not a tensor; tap a module that returns a single tensor, or "
                              f"one entry of a dict / tuple output with '[key]' (e.g. 'backbone[0]')")
-        self.features[tap] = value
+        self._captured[tap] = value
         self.calls[tap] += 1
 
     def _capture_input(self, tap: str, key: str | None, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -214,10 +214,10 @@ class TapSet:
         """The raw tensor the tap captured in the latest forward."""
         if tap not in self.calls:
             raise KeyError(f"{tap!r} is not one of this object's taps: {', '.join(self.taps)}")
-        if tap not in self.features:
+        if tap not in self._captured:
             raise RuntimeError(f"tap {tap!r} has captured nothing yet: run a forward pass of the model first "
                                f"(or the module did not run in it)")
-        return self.features[tap]
+        return self._captured[tap]
 
     def map(self, tap: str) -> torch.Tensor:
         """The captured tensor as a head takes it (token outputs as B×C×h×w, see :func:`to_feature_map`)."""
@@ -226,7 +226,7 @@ class TapSet:
 
     def clear(self) -> None:
         """Forget captured tensors (they keep activations alive until the next forward otherwise)."""
-        self.features.clear()
+        self._captured.clear()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -241,9 +241,39 @@ class TapSet:
 
 
 class FeatureTaps(TapSet):
-    """The two taps of a distillation pair member: a feature map and (optionally) the logits.
+    """The named features of a model's forward pass, captured by forward hooks (the model is not changed).
 
-    >>> with FeatureTaps(model, "layer3", "fc") as taps:
+    >>> with FeatureTaps(model, ["layer4", "fc"]) as taps:
+    ...     logits = model(images)
+    ...     feats = taps.features()      # {"layer4": B×C×H×W map, "fc": B×K logits}
+
+    ``names`` are taps (module names, ``"pool4:input"``, ``"backbone[0]"``; see the module's documentation).
+    :meth:`features` gives every tap's latest tensor in the layout :class:`diffkd.DiffKDLoss` takes: maps B×C×H×W
+    (a channels-last model's B×H×W×C maps permuted), vectors B×K, and B×N×C token sequences as they are, except
+    the image tokens of a vision transformer (a model with ``num_prefix_tokens``, as timm's), which lose their
+    class / register tokens and become a B×C×h×w grid.
+    """
+
+    def __init__(self, model: nn.Module, names: str | Sequence[str]):
+        super().__init__(model, [names] if isinstance(names, str) else list(names))
+
+    def _in_loss_layout(self, tap: str) -> torch.Tensor:
+        x = self.captured(tap)
+        if x.dim() == 4 and self.channels_last:
+            return x.permute(0, 3, 1, 2)
+        if x.dim() == 3 and self.num_prefix_tokens is not None:
+            return tokens_to_map(x, self.num_prefix_tokens)
+        return x
+
+    def features(self) -> dict[str, torch.Tensor]:
+        """Every tap's latest tensor, by tap name (see the class documentation for layouts)."""
+        return {tap: self._in_loss_layout(tap) for tap in self.taps}
+
+
+class FeatureLogitTaps(FeatureTaps):
+    """The two taps of one model of a distillation pair: a feature map and (optionally) the logits.
+
+    >>> with FeatureLogitTaps(model, "layer3", "fc") as taps:
     ...     model(images)
     ...     feature, logits = taps.feature, taps.logits
     """
@@ -255,13 +285,13 @@ class FeatureTaps(TapSet):
 
     @property
     def feature(self) -> torch.Tensor:
-        """The feature tap as a B×C×H×W map (or B×K vector)."""
+        """The feature tap as a B×C×H×W map (or B×K vector), tokens arranged as :meth:`TapSet.map` does."""
         return self.map(self.feature_module)
 
     @property
     def logits(self) -> torch.Tensor:
         if self.logits_module is None:
-            raise RuntimeError("these FeatureTaps were created without a logits module")
+            raise RuntimeError("these FeatureLogitTaps were created without a logits module")
         return self.captured(self.logits_module)
 
 
