@@ -133,8 +133,10 @@ class DiffKDHead(nn.Module):
     trans → noise adapter γ → blend γ·Z_s + (1−γ)·ε → DDIM chain of Φ → proj → distance to Z_t, plus the
     diffusion loss of Φ on Z_t and, with ``use_ae``, the autoencoder's reconstruction loss.
 
-    Inputs may be B×C×H×W maps, B×K vectors (handled as B×K×1×1) or B×N×C token sequences with a square N
-    (reshaped to B×C×√N×√N; drop a class token first).  ``denoised`` and ``target`` come back in that layout.
+    Inputs may be B×C×H×W maps, B×K vectors (handled as B×K×1×1) or B×N×C token sequences of any length N
+    (handled as B×C×N×1, where the 3×3 convolutions act as 1-D convolutions of width 3 along the sequence; turn
+    image tokens into a B×C×h×w grid first for a 2-D denoiser).  ``denoised`` and ``target`` come back in the
+    input's layout.
     With ``channels_last`` (default) the head computes in channels-last memory format, which is faster on CPU
     and GPU and gives the same values.
 
@@ -225,12 +227,9 @@ class DiffKDHead(nn.Module):
         if x.dim() == 2:
             return x[:, :, None, None]
         if x.dim() == 3:
-            batch, tokens, channels = x.shape
-            side = int(round(tokens ** 0.5))
-            if side * side != tokens:
-                raise ValueError(f"{role} tokens: expected B×N×C with a square N, got {_describe(x)} (N={tokens}); "
-                                 "drop the class token or reshape to B×C×H×W first")
-            return x.transpose(1, 2).reshape(batch, channels, side, side)
+            # A sequence of any length as a B×C×N×1 map: beside its one column the 3×3 convolutions see only zero
+            # padding, so they act as 1-D convolutions of width 3 along the sequence (the same for every N).
+            return x.transpose(1, 2)[..., None]
         raise ValueError(f"{role} feature: expected B×C×H×W, B×K or B×N×C, got {_describe(x)}")
 
     @staticmethod
@@ -255,7 +254,7 @@ class DiffKDHead(nn.Module):
             raise ValueError(f"student and teacher batch sizes differ: {s_map.shape[0]} vs {t_map.shape[0]}")
         if s_map.shape[2:] != t_map.shape[2:]:
             raise ValueError(f"student and teacher spatial sizes differ: {tuple(s_map.shape[2:])} vs "
-                             f"{tuple(t_map.shape[2:])}; pool the larger map first (diffkd.Distiller does this)")
+                             f"{tuple(t_map.shape[2:])}; pool the larger map first (diffkd.DiffKDLoss does this)")
         if self.training and s_map.shape[0] < 2:
             raise ValueError("a batch of one cannot be trained: the head's BatchNorm layers need at least 2 samples "
                              "in training mode (drop the last incomplete batch, or call head.eval())")
