@@ -151,12 +151,41 @@ def test_coco_missing_files_and_layouts_are_refused(tmp_path):
         build_dense_datasets("segmentation", "coco", tmp_path)
 
 
-def test_coco_image_of_another_size_than_its_json_says_is_refused_on_load(tmp_path):
+def test_coco_image_of_another_size_than_its_json_says_is_refused_when_built(tmp_path):
     images = [dict(IMAGES[0], width=21)] + IMAGES[1:]
     write_coco(tmp_path, images=images)
     Image.new("RGB", (20, 16)).save(tmp_path / "train" / "a.png")
-    with pytest.raises(ValueError, match=r"a\.png is 20×16 pixels but .* says 21×16"):
-        CocoDetection(tmp_path, train=True)[0]
+    with pytest.raises(ValueError, match=r"image id 101: .*a\.png is 20×16 pixels but the JSON says 21×16"):
+        CocoDetection(tmp_path, train=True)
+
+
+def _truncate(path: Path) -> None:
+    """Cut the file's last 40 bytes: its header still reads, the pixel data ends early (an interrupted copy)."""
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda folder: _truncate(folder / "b.jpg"), r"b\.jpg: the JPEG file is truncated"),
+    (lambda folder: _truncate(folder / "a.png"), r"a\.png: the PNG file is truncated"),
+    (lambda folder: (folder / "c.png").write_bytes(b"not an image"), r"c\.png: not a readable image"),
+])
+def test_coco_unreadable_or_truncated_images_are_refused_when_built(tmp_path, damage, message):
+    write_coco(tmp_path)
+    damage(tmp_path / "train")
+    with pytest.raises(ValueError, match=message):
+        CocoDetection(tmp_path, train=True)
+
+
+def test_eval_loaders_batch_images_of_one_size_together(coco_dir):
+    images = [dict(IMAGES[i % 2], id=200 + i, file_name=IMAGES[i % 2]["file_name"]) for i in range(5)]
+    write_coco(coco_dir, split="val", folder="val", json_name="instances_val.json", images=images, annotations=[])
+    val_ds = CocoDetection(coco_dir, train=False)
+    assert val_ds.image_sizes() == [(16, 20), (12, 24)] * 2 + [(16, 20)]
+    batches = [[t["image_id"] for t in targets] for _, targets in
+               build_loader(val_ds, 2, train=False, collate_fn=detection_collate)]
+    assert batches == [[200, 202], [204], [201, 203]]
+    loader = build_loader(val_ds, 8, train=False, collate_fn=detection_collate)
+    assert len(loader) == 2 and [len(targets) for _, targets in loader] == [3, 2]
 
 
 # --- segmentation folders ------------------------------------------------------------------------------------------
@@ -197,6 +226,10 @@ def test_segfolder_loads_images_and_masks(tmp_path):
                                                           ).float() / 255 / std - mean / std)
     images, semantic = segmentation_collate([val_ds[i] for i in range(3)])
     assert images.shape == (3, 3, 20, 20) and semantic[1, 12:].eq(255).all()
+    assert val_ds.image_sizes() == [(16, 20), (12, 12), (20, 8)] and val_ds.select([2]).image_sizes() == [(20, 8)]
+    assert [tuple(images.shape[2:]) for images, _ in build_loader(val_ds, 4, train=False,
+                                                                   collate_fn=segmentation_collate)] == \
+        [(16, 20), (12, 12), (20, 8)]  # one size per evaluation batch: nothing padded
 
 
 def test_segfolder_scale_crop_flip_keep_image_and_mask_aligned(tmp_path):
@@ -229,6 +262,7 @@ def test_segfolder_scale_crop_flip_keep_image_and_mask_aligned(tmp_path):
     (lambda root: Image.new("RGB", (20, 16)).save(root / "masks/train/s0.png"), r"found mode RGB"),
     (lambda root: Image.new("RGB", (20, 16)).save(root / "images/train/s0.jpg"), r"share the stem 's0'"),
     (lambda root: (root / "classes.txt").write_text("a\nb\n"), r"names 2 classes but num_classes is 3"),
+    (lambda root: _truncate(root / "images/train/s2.png"), r"s2\.png: the PNG file is truncated"),
 ])
 def test_segfolder_mismatches_are_refused(tmp_path, damage, message):
     root = write_segfolder(tmp_path)

@@ -11,7 +11,9 @@ COCO's own names are accepted as well: `instances_<split><suffix>.json` with ima
 The annotations are checked when the dataset is built, and anything wrong is refused with a ValueError naming the
 annotation or image: a box reaching more than 1 pixel outside its image (boxes within that tolerance are clipped
 to the image), a box of zero or negative width or height, an unknown category id, an annotation of an image the
-JSON does not list, a missing image file. Images without annotations are kept, as negatives (torchvision's
+JSON does not list, a missing image file, an image file that cannot be read or was cut short (JPEG and PNG
+end markers), or whose size differs from the JSON's width and height (every file's header is read: quick, and
+before any training step). Images without annotations are kept, as negatives (torchvision's
 detectors train on them, and COCO's evaluation counts their false positives). Crowd annotations (`iscrowd: 1`)
 are left out of the training targets, as torchvision's detection references do, and kept in the ground truth of
 the evaluation, where COCO's evaluation treats them as regions to ignore.
@@ -35,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from diffkd.data.dense import flip_target, key_flips
+from diffkd.data.dense import flip_target, image_file_sizes, key_flips
 from diffkd.data.in_memory import sample_keys
 
 BOX_TOLERANCE = 1.0  # pixels a box may reach outside its image before it is refused
@@ -102,6 +104,11 @@ def load_coco_instances(json_path: str | Path, images_dir: str | Path) -> dict[s
             raise ValueError(f"{json_path}: the file {images_dir / image['file_name']} of image id {image['id']} "
                              f"is missing; copy it there or remove the image and its annotations from the JSON")
         sizes[image["id"]] = (image["width"], image["height"])
+    files = [images_dir / image["file_name"] for image in images]
+    for image, path, size in zip(images, files, image_file_sizes(files)):
+        if size != sizes[image["id"]]:
+            raise ValueError(f"{json_path}: image id {image['id']}: {path} is {size[0]}×{size[1]} pixels but the JSON "
+                             f"says {image['width']}×{image['height']}; fix the image's width and height in the JSON")
     checked, annotation_ids = [], set()
     for annotation in annotations:
         where = f"{json_path}: annotation {annotation.get('id')} (image id {annotation.get('image_id')})"
@@ -191,6 +198,11 @@ class CocoDetection(Dataset):
             image = image.flip(-1)
             target = flip_target(target, image.shape[-1])
         return image, target
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image, from the JSON (checked against the files): evaluation batches group
+        images of one size (diffkd.data.loaders)."""
+        return [(info["height"], info["width"]) for info in self.images]
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> CocoDetection:
         """A copy holding only the given images (indices renumbered from 0; image ids kept)."""

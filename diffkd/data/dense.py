@@ -1,5 +1,6 @@
 """Pieces shared by the detection and segmentation datasets: collate functions, the horizontal flip of images
-with their targets, and per-sample random numbers drawn from the counter-based keys of diffkd.data.in_memory.
+with their targets, per-sample random numbers drawn from the counter-based keys of diffkd.data.in_memory, and
+the check of every image file's header when a dataset is built.
 
 Conventions of every dense dataset here:
 - images are float32 C×H×W tensors (in 0..1, or normalised when the dataset is given a mean and std);
@@ -10,12 +11,16 @@ Conventions of every dense dataset here:
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision import transforms
 
 IGNORE_INDEX = 255
@@ -34,6 +39,38 @@ def key_uniforms(key: np.uint64, count: int) -> list[float]:
     low_bits = int(np.uint64(key) & np.uint64(0x7FFFFFFFFFFFFFFF))
     mask = (1 << _FIELD_BITS) - 1
     return [((low_bits >> (_FIELD_BITS * i)) & mask) / (1 << _FIELD_BITS) for i in range(count)]
+
+
+# A complete file of these formats has its end marker in its last bytes (JPEG's end-of-image, PNG's IEND chunk).
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+_TAIL_BYTES = 4096
+_PARALLEL_FROM = 64  # files; fewer are checked in the calling thread
+
+
+def image_file_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header; ValueError naming the file when it cannot be read
+    or (JPEG, PNG) lacks its end marker, i.e. was cut short. Only the header and the last few KiB are read."""
+    try:
+        with Image.open(path) as image:
+            size, kind = image.size, image.format
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not a readable image ({error}); replace or remove it") from None
+    marker = _END_MARKERS.get(kind)
+    if marker is not None:
+        with open(path, "rb") as file:
+            file.seek(max(0, os.path.getsize(path) - _TAIL_BYTES))
+            complete = marker in file.read()
+        if not complete:
+            raise ValueError(f"{path}: the {kind} file is truncated (its end marker is missing); replace or remove it")
+    return size
+
+
+def image_file_sizes(paths: Sequence[str | Path]) -> list[tuple[int, int]]:
+    """`image_file_size` of every path, in order (threads for many files: the work is mostly waiting on reads)."""
+    if len(paths) < _PARALLEL_FROM:
+        return [image_file_size(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(image_file_size, paths))
 
 
 def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,31 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.num_samples, self.num_replicas))
 
 
+class SizeGroupedBatches(Sampler[list[int]]):
+    """Evaluation batches of one image size each: the sampler's indices grouped by `sizes[index]` (groups in order
+    of first appearance, indices in order within a group), each group cut into batches of `batch_size`.
+
+    A batch of mixed sizes is padded to its largest image (torchvision's detection transform, the segmentation
+    collate), which changes the predictions near the padding, so metrics would depend on the batch size; with
+    one size per batch nothing is padded and every image is predicted as it would be alone (torchvision's
+    references group by aspect ratio for the same reason)."""
+
+    def __init__(self, sampler: Sampler[int], sizes: Sequence, batch_size: int):
+        self.sampler, self.sizes, self.batch_size = sampler, list(sizes), batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        groups: dict = {}
+        for index in self.sampler:
+            groups.setdefault(tuple(self.sizes[index]), []).append(index)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.batch_size):
+                yield indices[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        counts = Counter(tuple(self.sizes[index]) for index in self.sampler)
+        return sum(-(-count // self.batch_size) for count in counts.values())
+
+
 def _world() -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("build_loader(distributed=True) needs an initialised torch.distributed process group "
@@ -76,7 +102,10 @@ def build_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers:
 
     `drop_last` defaults to `train`: DiffKD's BatchNorm layers need at least 2 samples per batch. `pin_memory`
     defaults to whether CUDA is available. `collate_fn` builds a batch from a list of samples (default: torch's,
-    which stacks; the detection and segmentation datasets need theirs, see diffkd.data.dense).
+    which stacks; the detection and segmentation datasets need theirs, see diffkd.data.dense). An evaluation
+    loader of a dataset with `image_sizes()` (one (height, width) per sample, e.g. a user's COCO or segmentation
+    folder) batches images of one size together (`SizeGroupedBatches`), so that its metrics do not depend on the
+    batch size.
     """
     minimum_batch = 2 if train else 1
     if batch_size < minimum_batch:
@@ -96,8 +125,11 @@ def build_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers:
         raise ValueError(f"the dataset has {len(dataset)} samples{per_rank}, fewer than one batch of {batch_size}: "
                          f"dropping the incomplete last batch would leave no batch at all. Use a smaller batch "
                          f"size or more samples.")
+    batching = dict(batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+    if not train and hasattr(dataset, "image_sizes"):
+        batching = dict(batch_sampler=SizeGroupedBatches(sampler, dataset.image_sizes(), batch_size))
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+        dataset, **batching, num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, collate_fn=collate_fn,
         # Only seeds the workers' base seed, so that iterating never draws from the global RNG.
         generator=torch.Generator().manual_seed(seed),

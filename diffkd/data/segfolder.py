@@ -9,8 +9,9 @@ Layout (`<dir>` is --data-dir)::
 A mask is a single-channel PNG (mode L, P as in Pascal VOC, I or 1) of its image's size whose pixel values are
 class ids 0..num_classes-1, or 255 for pixels to ignore. The number of classes comes from `num_classes` or, when
 that is not given, from classes.txt. Building the dataset refuses, with a ValueError naming the files: an image
-without its mask, a mask without its image, two images with the same stem, a mask whose size differs from its
-image's, a mask that is not single-channel, and (reading every mask once, unless `scan_masks=False`) a class id
+without its mask, a mask without its image, two images with the same stem, an image or mask that cannot be read or
+was cut short (every file's header and end marker are read: quick, and before any training step), a mask whose
+size differs from its image's, a mask that is not single-channel, and (reading every mask once, unless `scan_masks=False`) a class id
 >= num_classes other than 255. A mask is checked again whenever it is loaded.
 
 Training samples can be scaled by a random factor, cropped to `crop_size` (padded where smaller: image with the
@@ -32,7 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from diffkd.data.dense import IGNORE_INDEX, key_flips, key_uniforms, normalizer
+from diffkd.data.dense import IGNORE_INDEX, image_file_sizes, key_flips, key_uniforms, normalizer
 from diffkd.data.in_memory import sample_keys
 from diffkd.data.recipes import IMAGENET_MEAN, IMAGENET_STD
 
@@ -129,12 +130,13 @@ class SegmentationFolder(Dataset):
         if not images:
             raise ValueError(f"segmentation folder: {root / 'images' / split} holds no image; {_LAYOUT}")
         self.samples = [(images[stem], masks[stem]) for stem in sorted(images)]
-        for image_path, mask_path in self.samples:
-            with Image.open(image_path) as image, Image.open(mask_path) as mask:
-                if image.size != mask.size:
-                    raise ValueError(f"segmentation folder: {mask_path} is {mask.size[0]}×{mask.size[1]} but its "
-                                     f"image {image_path} is {image.size[0]}×{image.size[1]}; a mask must have its "
-                                     f"image's size")
+        image_sizes = image_file_sizes([image_path for image_path, _ in self.samples])
+        mask_sizes = image_file_sizes([mask_path for _, mask_path in self.samples])
+        for (image_path, mask_path), image_size, mask_size in zip(self.samples, image_sizes, mask_sizes):
+            if image_size != mask_size:
+                raise ValueError(f"segmentation folder: {mask_path} is {mask_size[0]}×{mask_size[1]} but its image "
+                                 f"{image_path} is {image_size[0]}×{image_size[1]}; a mask must have its image's size")
+        self.sizes = [(height, width) for width, height in image_sizes]
         if scan_masks:
             for _, mask_path in self.samples:
                 read_class_mask(mask_path, len(self.classes))
@@ -190,11 +192,17 @@ class SegmentationFolder(Dataset):
         left = int(column_draw * (image.shape[2] - crop + 1))
         return image[:, top:top + crop, left:left + crop], semantic[top:top + crop, left:left + crop]
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every sample as `__getitem__` returns it (the crop size when cropping): evaluation
+        batches group samples of one size (diffkd.data.loaders)."""
+        return [(self.crop_size, self.crop_size)] * len(self) if self.crop_size is not None else list(self.sizes)
+
     def select(self, indices: Sequence[int] | torch.Tensor) -> SegmentationFolder:
         """A copy holding only the given samples (indices renumbered from 0; image ids kept)."""
         chosen = [int(i) for i in indices]
         selected = copy.copy(self)
         selected.samples = [self.samples[i] for i in chosen]
+        selected.sizes = [self.sizes[i] for i in chosen]
         selected.image_ids = [self.image_ids[i] for i in chosen]
         return selected
 
