@@ -127,6 +127,17 @@ def noise_diagnostics(gamma: torch.Tensor, z_s: torch.Tensor, denoised: torch.Te
             "rel_error_after": relative_squared_error(denoised, z_t)}
 
 
+FEATURE_NORMS = ("none", "channel")
+
+
+def standardize_channels(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each channel of a B×C×H×W map to mean 0 and standard deviation 1 over the batch and all positions, as
+    mmrazor's PKD normalises FPN maps before its distance (population std; a constant channel becomes 0)."""
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    std = x.var(dim=(0, 2, 3), keepdim=True, unbiased=False).add(eps).sqrt()
+    return (x - mean) / std
+
+
 class DiffKDHead(nn.Module):
     """One DiffKD head: distils one (student feature, teacher feature) pair.
 
@@ -155,14 +166,24 @@ class DiffKDHead(nn.Module):
 
     ``denoise(x, steps, return_trajectory=True)`` runs the chain with any number of steps and returns every
     intermediate x.
+
+    ``feature_norm="channel"`` standardises each channel (:func:`standardize_channels`) of the denoised feature
+    and of the target before the KD distance only, PKD-style, so that the KD term does not scale with the
+    teacher's raw activations (a trained detector's FPN maps have mean squares up to ~100).  The diffusion model
+    and the autoencoder still learn on the teacher's own, unnormalised distribution, and the diagnostics compare
+    raw features.  ``"none"`` (default) is the paper's distance on raw features.
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, *, kernel_size: int = 3, use_ae: bool = False,
                  ae_channels: int | None = None, inference_steps: int = 5, timestep_start: str = "official",
                  use_anm: bool = True, distance: str = "mse", temperature: float = 1.0, kd_weight: float = 1.0,
                  diffusion_weight: float = 1.0, ae_weight: float = 1.0, backend: str = "auto",
-                 check_finite: bool = False, channels_last: bool = True, num_train_timesteps: int = 1000):
+                 check_finite: bool = False, channels_last: bool = True, num_train_timesteps: int = 1000,
+                 feature_norm: str = "none"):
         super().__init__()
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"unknown feature_norm {feature_norm!r}; expected one of {', '.join(FEATURE_NORMS)}")
+        self.feature_norm = feature_norm
         for name, value in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -336,17 +357,22 @@ class DiffKDHead(nn.Module):
         self._check_noise("diffusion_noise", diffusion_noise, z_t.shape)
         if diffusion_t is not None and diffusion_t.shape != (batch,):
             raise ValueError(f"diffusion_t must have shape ({batch},), got {tuple(diffusion_t.shape)}")
-        # Random numbers in the official order: blend noise, diffusion noise, diffusion timesteps.  The torch
-        # backend draws them as tensors; the Triton backend draws seeds and makes the noise inside its kernels.
-        in_kernel_noise = kernels.resolve_backend(self.backend, z_s) == "triton"
+        # Random numbers in the official order: blend noise, diffusion noise, diffusion timesteps.  A noise is
+        # drawn in-kernel from a seed only when every op that reads it runs Triton (per op, as the kernels'
+        # resolver says, e.g. by its table AUTO_TRITON_IN_GRAPHS inside a CUDA graph); otherwise it is drawn as a
+        # tensor and given to each of its ops, so q_sample and the diffusion loss always see the same noise, and a
+        # seed tensor never reaches a PyTorch op (int(seed) would synchronise, which a graph capture forbids).
+        blend_in_kernel = kernels.resolve_backend(self.backend, z_s, op="noise_blend") == "triton"
+        diffusion_in_kernel = all(kernels.resolve_backend(self.backend, z_t, op=op) == "triton"
+                                  for op in ("q_sample", "squared_error_mean"))
         blend_seed = diffusion_seed = None
         if self.use_anm and blend_noise is None:
-            if in_kernel_noise:
+            if blend_in_kernel:
                 blend_seed = self._seed(generator, z_s)
             else:
                 blend_noise = self._normal(z_s.shape, generator, z_s)
         if diffusion_noise is None:
-            if in_kernel_noise:
+            if diffusion_in_kernel:
                 diffusion_seed = self._seed(generator, z_t)
             else:
                 diffusion_noise = self._normal(z_t.shape, generator, z_t)
@@ -366,10 +392,13 @@ class DiffKDHead(nn.Module):
                                         backend=self.backend)
         diffusion_loss = kernels.squared_error_mean(self.model(noisy_target, diffusion_t), diffusion_noise,
                                                     diffusion_seed, backend=self.backend)
+        kd_input, kd_target = denoised, z_t
+        if self.feature_norm == "channel":
+            kd_input, kd_target = standardize_channels(denoised), standardize_channels(z_t)
         if self.distance == "mse":
-            kd_loss = kernels.squared_error_mean(denoised, z_t, backend=self.backend)
+            kd_loss = kernels.squared_error_mean(kd_input, kd_target, backend=self.backend)
         else:
-            kd_loss = DISTANCES[self.distance](denoised, z_t, temperature=self.temperature)
+            kd_loss = DISTANCES[self.distance](kd_input, kd_target, temperature=self.temperature)
         loss = self.kd_weight * kd_loss + self.diffusion_weight * diffusion_loss + self.ae_weight * ae_loss
         return {"loss": loss, "kd_loss": kd_loss, "diffusion_loss": diffusion_loss, "ae_loss": ae_loss,
                 "gamma": gamma, **noise_diagnostics(gamma, z_s, denoised, z_t),

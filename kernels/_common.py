@@ -1,7 +1,8 @@
 """Backend resolution, the per-signature caches and the eager autograd shared by every op in ``kernels``.
 
-Backend.  Resolved here and only here: an explicit ``backend=`` argument wins, then the environment variable
-``DIFFKD_BACKEND``, then "auto".  "auto" runs the PyTorch reference, except for CUDA tensors of a supported dtype
+Backend.  Resolved here and only here, by ``choose_backend``, which every op, the DiffKD head's choice between
+in-kernel and tensor noise, diffkd's CUDA-graph wrapper and the benchmarks ask: an explicit ``backend=`` argument
+wins, then the environment variable ``DIFFKD_BACKEND``, then "auto".  "auto" runs the PyTorch reference, except for CUDA tensors of a supported dtype
 while a CUDA graph is being captured on the current stream, or inside ``auto_uses_triton()``: there each op follows
 its entry in ``AUTO_TRITON_IN_GRAPHS``.  Why graphs only: measured on an H200
 (benchmarks/results/nvidia-h200-2026-11-26*.md), an eager Triton call cost about 100 µs of host time when every
@@ -123,21 +124,32 @@ def backend_traits(*tensors: torch.Tensor | None, int32_indexed: bool = True) ->
                          devices=tuple(t.device for t in present), dtypes=tuple(t.dtype for t in present))
 
 
-def _graph_like() -> bool:
+def in_graph_here() -> bool:
     """True while a CUDA graph is being captured on the current stream, or inside auto_uses_triton()."""
     return _AUTO_STATE.depth > 0 or torch.cuda.is_current_stream_capturing()
 
 
-def choose_backend(backend: str | None, op: str | None, traits: BackendTraits) -> str:
-    """"torch" or "triton" for one call of ``op`` (None: the rule without the per-op table) on tensors with
-    ``traits``; refuses an explicit "triton" that cannot run, naming the fix."""
+def _auto_can_run(traits: BackendTraits) -> bool:
+    """Whether "auto" may pick the compiled Triton kernels for tensors with ``traits`` (never the interpreter)."""
+    return traits.on_cuda and traits.triton_dtypes and traits.fits_int32 and TRITON_AVAILABLE
+
+
+def choose_backend(backend: str | None, op: str | None, traits: BackendTraits, *,
+                   in_graph: bool | None = None) -> str:
+    """The one backend resolver: "torch" or "triton" for one call of ``op`` on tensors with ``traits``.
+
+    ``op`` is a key of ``AUTO_TRITON_IN_GRAPHS`` (None: the rule every op shares, without the table).
+    ``in_graph`` says where the call runs: None = here (inside a CUDA-graph capture on this stream or inside
+    ``auto_uses_triton()``, else eagerly); True / False predict a call inside / outside a graph.  Refuses an
+    explicit "triton" that cannot run, naming the fix.
+    """
     requested = backend if backend in BACKENDS else validate_backend_name(backend)
     if requested == "torch":
         return "torch"
     if requested == "auto":
-        runnable = traits.on_cuda and traits.triton_dtypes and traits.fits_int32 and TRITON_AVAILABLE
-        wanted = op is None or AUTO_TRITON_IN_GRAPHS[op]
-        return "triton" if runnable and wanted and _graph_like() else "torch"
+        if not ((op is None or AUTO_TRITON_IN_GRAPHS[op]) and _auto_can_run(traits)):
+            return "torch"
+        return "triton" if (in_graph_here() if in_graph is None else in_graph) else "torch"  # CUDA asked last
     if not TRITON_AVAILABLE:
         raise ValueError("backend 'triton' was requested but triton does not import; install triton "
                          "(it ships with PyTorch's Linux builds) or use backend='torch'")
@@ -156,13 +168,23 @@ def choose_backend(backend: str | None, op: str | None, traits: BackendTraits) -
     return "triton"
 
 
-def resolve_backend(backend: str | None, *tensors: torch.Tensor, op: str | None = None) -> str:
-    """Resolves the backend for one call on ``tensors``: returns "torch" or "triton".
+def resolve_backend(backend: str | None, *tensors: torch.Tensor, op: str | None = None,
+                    in_graph: bool | None = None) -> str:
+    """``choose_backend`` for a call on ``tensors``: returns "torch" or "triton"."""
+    return choose_backend(backend, op, backend_traits(*tensors), in_graph=in_graph)
 
-    ``op`` (a key of ``AUTO_TRITON_IN_GRAPHS``) applies that op's entry of the table to "auto"; without it the
-    answer is the rule every op shares (Triton for CUDA tensors inside graph capture or ``auto_uses_triton()``).
-    """
-    return choose_backend(backend, op, backend_traits(*tensors))
+
+def device_traits(device: torch.device | str, dtype: torch.dtype) -> BackendTraits:
+    """The traits of a call on tensors of ``device`` and ``dtype``, for a prediction made without tensors (e.g. of
+    a CUDA run on a machine without a GPU)."""
+    device = torch.device(device)
+    return BackendTraits(on_cuda=device.type == "cuda", triton_dtypes=dtype in TRITON_DTYPES or not
+                         dtype.is_floating_point, fits_int32=True, largest=0, devices=(device,), dtypes=(dtype,))
+
+
+def op_backends(backend: str | None, traits: BackendTraits, *, in_graph: bool | None = None) -> dict[str, str]:
+    """``choose_backend`` for every op of ``AUTO_TRITON_IN_GRAPHS``: what a model built of these ops runs."""
+    return {op: choose_backend(backend, op, traits, in_graph=in_graph) for op in AUTO_TRITON_IN_GRAPHS}
 
 
 # ---- per-signature caches -------------------------------------------------------------------------------------
