@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from diffkd.losses import dist_loss, kl_div_loss, mse_loss
-from diffkd.modules import DiffKDHead
+from diffkd.modules import FEATURE_NORMS, DiffKDHead, standardize_channels
 
 METHODS = ("none", "kd", "dist", "mse", "diffkd")
 TASKS = ("classification", "detection", "segmentation")
@@ -45,12 +45,15 @@ class MethodSettings:
     logit_distance: str = "kl"      # DiffKD's logit / score-map head: kl, or dist (the paper's DiffKD†)
     timestep_start: str = "official"
     backend: str = "auto"
+    feature_norm: str = "none"      # mse / DiffKD feature heads: "channel" standardises both maps before the distance
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.heads not in HEAD_SELECTIONS:
             raise ValueError(f"unknown heads {self.heads!r}; choose one of {', '.join(HEAD_SELECTIONS)}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"unknown feature norm {self.feature_norm!r}; choose one of {', '.join(FEATURE_NORMS)}")
         if self.logit_distance not in LOGIT_DISTANCES:
             raise ValueError(f"unknown logit distance {self.logit_distance!r}; choose one of "
                              f"{', '.join(LOGIT_DISTANCES)}")
@@ -168,16 +171,25 @@ class LogitDistillation(nn.Module):
 
 
 class FeatureRegression(nn.Module):
-    """The ``mse`` baseline: a 1×1 conv (student → teacher channels) + BatchNorm, then MSE to the teacher map."""
+    """The ``mse`` baseline: a 1×1 conv (student → teacher channels) + BatchNorm, then MSE to the teacher map.
 
-    def __init__(self, student_channels: int, teacher_channels: int, *, weight: float = 1.0):
+    ``feature_norm="channel"`` standardises each channel of both maps first (mmrazor's PKD), so that the term does
+    not scale with the teacher's raw activations."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, *, weight: float = 1.0,
+                 feature_norm: str = "none"):
         super().__init__()
-        self.weight = weight
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"unknown feature_norm {feature_norm!r}; expected one of {', '.join(FEATURE_NORMS)}")
+        self.weight, self.feature_norm = weight, feature_norm
         self.proj = nn.Sequential(nn.Conv2d(student_channels, teacher_channels, kernel_size=1),
                                   nn.BatchNorm2d(teacher_channels))
 
     def forward(self, student_map: torch.Tensor, teacher_map: torch.Tensor) -> dict[str, torch.Tensor]:
-        kd_loss = mse_loss(self.proj(student_map), teacher_map)
+        projected = self.proj(student_map)
+        if self.feature_norm == "channel":
+            projected, teacher_map = standardize_channels(projected), standardize_channels(teacher_map)
+        kd_loss = mse_loss(projected, teacher_map)
         return {"loss": self.weight * kd_loss, "kd_loss": kd_loss}
 
 
@@ -187,22 +199,38 @@ def logit_head(settings: MethodSettings) -> LogitDistillation:
                              temperature=settings.kd_temperature, beta=settings.dist_beta, gamma=settings.dist_gamma)
 
 
+SPATIAL_HEAD_MIN_WIDTH = 8  # the 3×3 noise adapter's bottleneck divides the working width by 8
+
+
+def diffkd_head_kernel_size(settings: MethodSettings, teacher_channels: int, *, spatial: bool,
+                            autoencoder: bool) -> int:
+    """3 for a spatial head, except where its working width (the teacher's channels, or the autoencoder's) is under
+    8, e.g. the score map of a model of fewer than 8 classes: 1, the paper's logit variant, which works on any
+    width and still denoises every position of the map."""
+    width = settings.ae_channels if autoencoder and settings.ae_channels > 0 else teacher_channels
+    return 3 if spatial and width >= SPATIAL_HEAD_MIN_WIDTH else 1
+
+
 def diffkd_head(settings: MethodSettings, student_channels: int, teacher_channels: int, *, spatial: bool,
-                 distance: str, autoencoder: bool) -> DiffKDHead:
+                 distance: str, autoencoder: bool, feature_norm: str = "none") -> DiffKDHead:
     use_ae = autoencoder and settings.ae_channels > 0
-    return DiffKDHead(student_channels, teacher_channels, kernel_size=3 if spatial else 1, use_ae=use_ae,
+    kernel_size = diffkd_head_kernel_size(settings, teacher_channels, spatial=spatial, autoencoder=autoencoder)
+    return DiffKDHead(student_channels, teacher_channels, kernel_size=kernel_size, use_ae=use_ae,
                       ae_channels=settings.ae_channels if use_ae else None, inference_steps=settings.nfe,
                       timestep_start=settings.timestep_start, use_anm=settings.anm, distance=distance,
                       temperature=settings.kd_temperature, kd_weight=settings.kd_weight,
                       diffusion_weight=settings.diffusion_weight, ae_weight=settings.ae_weight,
-                      backend=settings.backend)
+                      backend=settings.backend, feature_norm=feature_norm)
 
 
 def feature_map_head(settings: MethodSettings, student_channels: int, teacher_channels: int) -> nn.Module:
-    """The mse / diffkd head on a pair of feature maps (classification features, FPN levels)."""
+    """The mse / diffkd head on a pair of feature maps (classification features, FPN levels), with the settings'
+    feature normalisation."""
     if settings.method == "mse":
-        return FeatureRegression(student_channels, teacher_channels, weight=settings.kd_weight)
-    return diffkd_head(settings, student_channels, teacher_channels, spatial=True, distance="mse", autoencoder=True)
+        return FeatureRegression(student_channels, teacher_channels, weight=settings.kd_weight,
+                                 feature_norm=settings.feature_norm)
+    return diffkd_head(settings, student_channels, teacher_channels, spatial=True, distance="mse", autoencoder=True,
+                       feature_norm=settings.feature_norm)
 
 
 def build_heads(settings: MethodSettings, student_shapes: Mapping[str, tuple[int, ...]],

@@ -1,9 +1,11 @@
 """PNG figures of detection and segmentation results (matplotlib's Agg backend: no display needed).
 
 ``draw_detections(images, targets, {"teacher": outputs, "student": outputs}, path, classes)`` draws one row per
-image: the ground-truth boxes, then each named set of predicted boxes (those scoring at least the threshold, with
-their scores). ``draw_segmentation(images, semantics, {"teacher": maps, ...}, path, classes)`` draws one row per
-image: the image, its ground-truth class map, then each named predicted map, with one colour legend.
+image: the ground-truth boxes, then each named set of predicted boxes (each image's ``top_k`` highest-scoring
+foreground detections, with their scores: a fixed score threshold shows nothing for a model whose scores are still
+low). ``draw_segmentation(images, semantics, {"teacher": maps, ...}, path, classes)`` draws one row per image: the
+image, its ground-truth class map, then each named predicted map, with one colour legend. Images may differ in
+size: each panel shows its own image.
 """
 from __future__ import annotations
 
@@ -62,12 +64,15 @@ def _check_lengths(images: Sequence, **per_image: Sequence) -> None:
 
 def draw_detections(images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
                     predictions: Mapping[str, Sequence[Mapping[str, torch.Tensor]]], path: str | Path,
-                    classes: Sequence[str], *, score_threshold: float = 0.5, mean: Sequence[float] | None = None,
+                    classes: Sequence[str], *, top_k: int = 5, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None) -> Path:
     """One PNG: a row per image, the ground truth (targets' boxes and labels) in the first column and each named
-    prediction set (dicts of boxes xyxy, scores, labels, as torchvision's detectors return) in the next ones.
-    Labels index `classes` (classes[0] is the background). Returns the path written."""
+    prediction set (dicts of boxes xyxy, scores, labels, as torchvision's detectors return) in the next ones, at
+    most `top_k` detections per image: the highest-scoring ones not labelled 0 (the background). Labels index
+    `classes` (classes[0] is the background). Returns the path written."""
     _check_lengths(images, targets=targets, **predictions)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
     colours = _class_colours(len(classes))
     columns = [("ground truth", targets), *predictions.items()]
     figure, axes = _grid(len(images), len(columns))
@@ -78,9 +83,11 @@ def draw_detections(images: Sequence[torch.Tensor], targets: Sequence[Mapping[st
             found = per_image[row]
             boxes, labels = found["boxes"].detach().cpu(), found["labels"].detach().cpu()
             scores = found["scores"].detach().cpu() if "scores" in found else None
+            if scores is not None:  # a prediction: its top_k foreground detections, best first
+                kept = torch.nonzero(labels > 0).flatten()
+                kept = kept[scores[kept].argsort(descending=True)[:top_k]]
+                boxes, labels, scores = boxes[kept], labels[kept], scores[kept]
             for i, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
-                if scores is not None and scores[i] < score_threshold:
-                    continue
                 colour = colours[label % len(colours)] if label else _IGNORE_COLOUR
                 # Pixel-edge boxes: pixel c's centre is at c + 0.5, so its left edge is drawn at c - 0.5.
                 axis.add_patch(Rectangle((box[0] - 0.5, box[1] - 0.5), box[2] - box[0], box[3] - box[1],
@@ -91,7 +98,7 @@ def draw_detections(images: Sequence[torch.Tensor], targets: Sequence[Mapping[st
                 axis.text(box[0] - 0.5, box[1] - 1.5, text, color="black", fontsize=5,
                           bbox=dict(facecolor=colour, edgecolor="none", pad=0.5, alpha=0.8))
             if row == 0:
-                axis.set_title(title if column == 0 else f"{title} (score ≥ {score_threshold:g})", fontsize=8)
+                axis.set_title(title if column == 0 else f"{title}\n(top {top_k} per image)", fontsize=8)
     return _save(figure, path)
 
 

@@ -279,3 +279,34 @@ def test_segfolder_needs_a_class_count_and_its_folders(tmp_path):
     assert len(SegmentationFolder(root, train=True, num_classes=3).classes) == 3
     with pytest.raises(FileNotFoundError, match="images/val is missing"):
         SegmentationFolder(tmp_path / "masks", train=False, num_classes=3)
+
+
+def test_detections_do_not_depend_on_the_evaluation_batch_size_on_mixed_sizes(coco_dir):
+    from diffkd.models import build_detector, evaluate_detection
+    images = [dict(IMAGES[i % 2], id=200 + i) for i in range(6)]  # 20×16 and 24×12 in turn
+    write_coco(coco_dir, split="val", folder="val", json_name="instances_val.json", images=images,
+               annotations=[dict(ANNOTATIONS[0], image_id=200 + i, id=10 + i) for i in range(6)])
+    val_ds = CocoDetection(coco_dir, train=False)
+    torch.manual_seed(0)
+    model = build_detector("fasterrcnn", "resnet18", num_classes=3, image_size=64, fpn_channels=32)
+
+    def predictions(batches) -> dict:
+        result = evaluate_detection(model, batches, "cpu")
+        return dict(zip(result["image_ids"], result["predictions"]))
+
+    def mean_ap(by_image: dict) -> dict:
+        evaluator = DetectionEvaluator.for_dataset(val_ds)
+        evaluator.update(list(by_image.values()), list(by_image))
+        return evaluator.compute()
+
+    alone, grouped = (predictions(build_loader(val_ds, batch, train=False, collate_fn=detection_collate))
+                      for batch in (1, 8))
+    assert sorted(alone) == sorted(grouped) == [200 + i for i in range(6)]
+    assert sum(len(p["scores"]) for p in alone.values()) > 0
+    for image_id, prediction in alone.items():
+        torch.testing.assert_close(grouped[image_id], prediction, rtol=1e-4, atol=1e-4)
+    assert mean_ap(alone) == pytest.approx(mean_ap(grouped), abs=1e-9)
+    # One batch of both sizes pads the smaller images, which changes their detections: what grouping avoids.
+    mixed = predictions([detection_collate([val_ds[i] for i in range(len(val_ds))])])
+    assert any(mixed[i]["scores"].shape != alone[i]["scores"].shape
+               or not torch.allclose(mixed[i]["scores"], alone[i]["scores"], atol=1e-4) for i in alone)

@@ -240,3 +240,36 @@ def test_a_detection_distiller_distils_taps_not_outputs():
     teacher, student = _detector(), _detector()
     with pytest.raises(ValueError, match="bound to the models' outputs"):
         DetectionDistiller(teacher, student, {"x": FeatureRegression(32, 32)}, bindings={"x": HeadBinding(None, None)})
+
+
+def test_channel_feature_norm_makes_the_kd_term_blind_to_the_teachers_scale_but_not_the_diffusion_loss():
+    # PKD-style: the denoised feature and the target are standardised per channel before the distance, so a
+    # teacher map ×10 + 3 gives the same KD loss, while the diffusion model still learns the raw teacher map.
+    student, teacher = torch.randn(4, 16, 6, 6), torch.randn(4, 16, 6, 6)
+    results = {}
+    for norm in ("none", "channel"):
+        torch.manual_seed(0)
+        head = DiffKDHead(16, 16, feature_norm=norm)
+        for scale in (1, 10):
+            results[norm, scale] = head(student, teacher * scale + (scale - 1) / 3,
+                                        generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(results["channel", 1]["kd_loss"], results["channel", 10]["kd_loss"])
+    assert results["none", 10]["kd_loss"] > 10 * results["none", 1]["kd_loss"]
+    assert results["channel", 10]["diffusion_loss"] != results["channel", 1]["diffusion_loss"]
+    torch.testing.assert_close(results["none", 1]["diffusion_loss"], results["channel", 1]["diffusion_loss"])
+    with pytest.raises(ValueError, match="unknown feature_norm 'batch'"):
+        DiffKDHead(16, 16, feature_norm="batch")
+
+
+def test_channel_feature_norm_of_the_mse_baseline_is_pkds_standardised_distance():
+    torch.manual_seed(0)
+    head = FeatureRegression(8, 16, feature_norm="channel").train()
+    student, teacher = torch.randn(4, 8, 5, 5), torch.randn(4, 16, 5, 5)
+    projected = head.proj(student)
+
+    def standardised(x):
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1).double()
+        return (flat - flat.mean(1, keepdim=True)) / flat.std(1, unbiased=False, keepdim=True)
+
+    expected = (standardised(projected) - standardised(teacher)).pow(2).mean()
+    assert head(student, teacher * 50 - 2)["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-4)

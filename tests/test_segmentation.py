@@ -169,3 +169,19 @@ def test_segmenters_keep_pytorchs_batchnorm_momentum():
     model = build_segmenter("lraspp_mobilenet_v3_large", num_classes=3)
     momenta = {module.momentum for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)}
     assert momenta == {0.1}
+
+
+@pytest.mark.parametrize("classes", [2, 3, 7])
+def test_diffkd_distils_models_of_fewer_than_8_classes_with_a_1x1_head(classes):
+    # The spatial head's 3×3 noise adapter needs 8 channels; below that the head switches to 1×1 convolutions.
+    settings = method_settings("diffkd", "segfolder", task="segmentation")
+    distiller = build_segmentation_distiller(settings, build_segmenter(STUDENT, num_classes=classes),
+                                             build_segmenter(STUDENT, num_classes=classes), input_size=INPUT,
+                                             log=lambda line: None).train()
+    head = distiller.heads["score_map"]
+    assert head.kernel_size == 1 and head.width == classes
+    masks = torch.randint(0, classes, (2, IMAGE, IMAGE))
+    out = distiller(torch.randn(2, *INPUT), masks)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and all(p.grad is not None for p in distiller.heads.parameters())
+    assert _distiller("diffkd").heads["score_map"].kernel_size == 3  # 11 classes keep the spatial head

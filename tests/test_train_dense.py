@@ -3,6 +3,7 @@ the tiny generated Fashion-MNIST of train_cli.py), with narrow models: every met
 reports mAP / mIoU, and bad input is one line."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -131,3 +132,65 @@ def test_a_coco_file_with_a_box_outside_its_image_is_refused(tmp_path, capsys):
             "--method", "none", "--image-size", 32, "-b", 2, "--output", tmp_path / "out"]
     code, _, err = run_cli(train, argv, capsys)
     assert_clean_failure(code, err, "instances_val.json", "outside")
+
+
+def test_a_detector_that_predicts_the_background_label_finishes_its_run(data_dir, tmp_path, capsys, monkeypatch):
+    # RetinaNet scores class 0 like any class; early in training (here: by a large bias) it predicts label 0.
+    from diffkd.train import dense
+
+    def biased(*args, **kwargs):
+        model = build_detector(*args, **kwargs)
+        logits = model.head.classification_head.cls_logits
+        with torch.no_grad():
+            logits.bias.view(-1, model.head.classification_head.num_classes)[:, 0] = 6.0
+        return model
+
+    build_detector = dense.build_detector
+    monkeypatch.setattr(dense, "build_detector", biased)
+    argv = scenes(data_dir, tmp_path, "detection", "retinanet_resnet18_fpn", **{
+        "--method": "none", "--fpn-channels": 32, "--experiment": "run", "--max-steps": 2})
+    code, out, err = run_cli(train, argv, capsys)
+    assert code == 0, err
+    assert "detection(s) labelled 0 (the background slot" in out
+    assert read_summary(tmp_path / "run")[0]["val_map"] != ""
+
+
+def test_a_mixed_size_segmentation_folder_of_3_classes_trains_with_diffkd_and_draws(tmp_path, capsys):
+    from diffkd.models import save_checkpoint_benchmark_format
+    from diffkd.models.segmentation import build_segmenter
+    rng = np.random.default_rng(0)
+    for split, sizes in (("train", [(40, 40)] * 4), ("val", [(36, 44), (32, 32), (44, 36)])):
+        for folder in ("images", "masks"):
+            (tmp_path / "seg" / folder / split).mkdir(parents=True)
+        for index, (height, width) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+                tmp_path / "seg" / "images" / split / f"{index}.png")
+            Image.fromarray(rng.integers(0, 3, (height, width), dtype=np.uint8)).save(
+                tmp_path / "seg" / "masks" / split / f"{index}.png")
+    (tmp_path / "seg" / "classes.txt").write_text("ground\nsky\nsea\n")
+    teacher = save_checkpoint_benchmark_format(build_segmenter(SEGMENTER, num_classes=3), tmp_path / "t.pth")
+    argv = ["--task", "segmentation", "--dataset", "segfolder", "--data-dir", tmp_path / "seg", "--student",
+            SEGMENTER, "--teacher", SEGMENTER, "--teacher-ckpt", teacher, "--method", "diffkd", "--image-size", 32,
+            "-b", 2, "--epochs", 1, "--output", tmp_path, "--experiment", "run"]
+    code, out, err = run_cli(train, argv, capsys)
+    assert code == 0, err
+    assert out.count("uses 1×1 convolutions") == 1
+    assert read_summary(tmp_path / "run")[0]["val_miou"] != ""
+    assert (tmp_path / "run" / "plots" / "predictions.png").is_file()
+
+
+def test_a_truncated_image_fails_before_the_first_step_naming_its_file(tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / "coco" / split).mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "coco" / split / "a.jpg")
+        content = {"images": [{"id": 1, "file_name": "a.jpg", "width": 32, "height": 24}],
+                   "categories": [{"id": 7, "name": "thing"}], "annotations": []}
+        (tmp_path / "coco" / "annotations").mkdir(exist_ok=True)
+        (tmp_path / "coco" / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))
+    path = tmp_path / "coco" / "val" / "a.jpg"
+    path.write_bytes(path.read_bytes()[:-40])
+    argv = ["--task", "detection", "--dataset", "coco", "--data-dir", tmp_path / "coco", "--student", DETECTOR,
+            "--method", "none", "--image-size", 32, "-b", 2, "--output", tmp_path / "out"]
+    code, _, err = run_cli(train, argv, capsys)
+    assert_clean_failure(code, err, str(path), "truncated")

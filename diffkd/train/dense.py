@@ -19,8 +19,9 @@ from diffkd.data.dense import detection_collate, segmentation_collate
 from diffkd.data.recipes import build_dense_datasets
 from diffkd.data.scenes import SceneConfig
 from diffkd.distill import build_detection_distiller, build_segmentation_distiller
-from diffkd.methods import SETTING_NAMES, method_settings
+from diffkd.methods import SETTING_NAMES, SPATIAL_HEAD_MIN_WIDTH, diffkd_head_kernel_size, method_settings
 from diffkd.metrics import DetectionEvaluator, SegmentationMetric
+from diffkd.models.checkpoint import unwrap_model
 from diffkd.models.detection import DETECTION_BACKBONES, DETECTORS, build_detector, evaluate_detection
 from diffkd.models.segmentation import SEGMENTERS, build_segmenter, evaluate_segmentation, score_map_output
 from diffkd.train.build import Data, check_backend, load_data
@@ -113,10 +114,14 @@ class DenseTask:
 
     @classmethod
     def draw(cls, models: dict[str, nn.Module], dataset, info: dict, device: torch.device, path: Path) -> None:
-        """plots/predictions.png: the first test images, their ground truth and each model's predictions."""
+        """plots/predictions.png: the first test images, their ground truth and each model's predictions, in columns
+        named for what the models are: "teacher <name>" and "student <name>", or "<name> (trained alone)" in a run
+        without teacher (which may be training a teacher)."""
         samples = [dataset[index] for index in range(min(PREDICTION_IMAGES, len(dataset)))]
         predictions = {}
-        for label, model in models.items():
+        for role, model in models.items():
+            name = getattr(unwrap_model(model), "arch_name", type(unwrap_model(model)).__name__)
+            label = f"{role} {name}" if "teacher" in models else f"{name} (trained alone)"
             was_training = model.training
             model.eval()
             with torch.no_grad():
@@ -220,6 +225,11 @@ class SegmentationTask(DenseTask):
     @staticmethod
     def distiller(settings, student, teacher, args, info, log) -> nn.Module:
         size = info.get("image_size") or args.image_size or 512
+        if settings.method == "diffkd" and diffkd_head_kernel_size(settings, info["num_classes"], spatial=True,
+                                                                   autoencoder=False) == 1:
+            log(f"note: {info['num_classes']} classes: the score-map DiffKD head uses 1×1 convolutions (kernel_size "
+                f"1, the paper's logit variant, applied at every position), as its 3×3 noise adapter needs at least "
+                f"{SPATIAL_HEAD_MIN_WIDTH} channels")
         return build_segmentation_distiller(settings, student, teacher, input_size=(3, size, size),
                                             ignore_index=info.get("ignore_index", 255), log=log)
 
@@ -245,7 +255,8 @@ class SegmentationTask(DenseTask):
 
     @staticmethod
     def predict(model: nn.Module, images: list, device: torch.device) -> list:
-        return list(score_map_output(model(torch.stack(images).to(device))).argmax(1).cpu())
+        """One image at a time: validation images keep their own sizes, which need not agree."""
+        return [score_map_output(model(image[None].to(device))).argmax(1)[0].cpu() for image in images]
 
     @staticmethod
     def draw_predictions(samples: list, predictions: dict, info: dict, path: Path) -> None:
