@@ -14,8 +14,11 @@ setup(
     install_requires=["torch>=2.4", "torchvision", "numpy", "timm", "pyyaml", "matplotlib", "faster-coco-eval",
                       "pycocotools"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "diffusers"],  # diffusers: the golden baseline some tests compare with
+        # diffusers: the golden baseline some tests compare with; torchdistill: its integration's tests
+        "test": ["pytest", "pytest-benchmark", "diffusers", "torchdistill"],
         "bench": ["diffusers"],
+        # the timm task API diffkd.integrations.timm is written against; torchdistill 1.1.5 requires torch>=2.12
+        "integrations": ["timm>=1.0.31", "torchdistill"],
     },
     entry_points={"console_scripts": ["diffkd-train=diffkd.train:main", "diffkd-eval=diffkd.eval:main"]},
 )

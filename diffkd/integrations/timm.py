@@ -18,8 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from timm.task import DistillationTeacher, TrainingTask, resolve_classification_loss
-from timm.task.distillation import FeatureDistillationTrainableModule
+
+try:
+    from timm.task import DistillationTeacher, TrainingTask, resolve_classification_loss
+    from timm.task.distillation import FeatureDistillationTrainableModule
+except ImportError as error:  # older timm has no timm.task, or an earlier form of it
+    raise ImportError(f"diffkd.integrations.timm needs the task API of timm >= 1.0.31 ({error}); run "
+                      f"pip install -U 'timm>=1.0.31' (or pip install -e '.[integrations]')") from error
 from timm.utils import unwrap_model
 
 from diffkd.loss import DiffKDLoss
