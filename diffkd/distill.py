@@ -1,5 +1,8 @@
 """The Distillers that train a student beside a frozen teacher (the methods' settings and heads: diffkd.methods).
 
+Each Distiller is a thin layer over :class:`diffkd.DiffKDLoss`: it taps the models, runs the task loss
+(``criterion``) and hands the tapped tensors to the loss, which matches sizes, runs the heads and sums.
+
 A *head* distils one pair of tensors and returns a dict with ``loss`` (its weighted contribution) and its named
 terms.  Heads are named, and each name is bound (:class:`HeadBinding`) to a student tensor and a teacher tensor:
 a *tap* — a module's output, or one entry of it, read with forward hooks (:mod:`diffkd.models.taps`) — or the
@@ -20,9 +23,9 @@ One Distiller per task, each with its builder:
 The contract every Distiller keeps with a training loop:
 
 - ``forward(images, targets) -> dict``: ``"loss"`` (the tensor to optimise) and a detached 0-dim tensor for every
-  named term — the task's (``ce_loss``; for detection ``detection_loss`` and ``detection/<torchvision's loss
-  name>``) and ``<head>/<term>`` for every head (``kd_loss``, ``diffusion_loss``, ``ae_loss``, ``gamma``, …;
-  per-sample terms as batch means).  Classification adds ``logits`` (the student's, not detached).  Nothing in
+  named term — the task's (``ce_loss``, or ``task_loss`` for a ``criterion`` of one's own; for detection
+  ``detection_loss`` and ``detection/<torchvision's loss name>``) and ``<head>/<term>`` for every head
+  (``kd_loss``, ``diffusion_loss``, ``ae_loss``, ``gamma``, …; per-sample terms as batch means).  Classification adds ``logits`` (the student's, not detached).  Nothing in
   it synchronises with the host (a detector's own loss code may).
 - ``.student``, ``.heads`` (an ``nn.ModuleDict``; dotted head names nest: ``heads.fpn.0``, so walk
   ``head_modules()`` rather than ``heads.items()``), ``.teacher`` (not a submodule; kept in eval mode),
@@ -43,10 +46,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffkd.models import TapSet, describe_spatial_match, match_spatial, probe_taps, unwrap_model
-from diffkd.models.detection import check_same_preprocessing, fpn_levels, match_fpn_levels
+from diffkd.loss import DiffKDLoss, check_pair_name
+from diffkd.models.checkpoint import unwrap_model
 from diffkd.models.segmentation import (IGNORE_INDEX, SCORE_MAP_TAP, check_same_classes, score_map_output,
                                         score_map_shape)
+from diffkd.models.taps import TapSet, describe_spatial_match, probe_taps
 from diffkd.methods import (HEAD_KINDS, TASK_METHODS, MethodSettings, build_heads, diffkd_head, feature_map_head,
                             logit_head)
 
@@ -71,35 +75,6 @@ class HeadBinding:
             raise ValueError(f"a head's weight must be >= 0, got {self.weight!r}")
 
 
-# Per-head outputs that are tensors to inspect, not numbers to log.
-_UNLOGGED_TERMS = ("loss", "denoised", "target")
-
-
-def _check_head_name(name: str) -> None:
-    if not isinstance(name, str) or "/" in name or any(not part for part in name.split(".")):
-        raise ValueError(f"a head name is a non-empty string of dot-separated parts without '/' (it prefixes the "
-                         f"logged terms, '<head>/<term>'), got {name!r}")
-
-
-def _module_tree(modules: Mapping[str, nn.Module]) -> nn.ModuleDict:
-    """An nn.ModuleDict in which a dotted name nests: {"fpn.0": m} → ModuleDict(fpn=ModuleDict(0=m))."""
-    root = nn.ModuleDict()
-    for name, module in modules.items():
-        _check_head_name(name)
-        *parents, leaf = name.split(".")
-        node = root
-        for part in parents:
-            if part not in node:
-                node[part] = nn.ModuleDict()
-            node = node[part]
-            if not isinstance(node, nn.ModuleDict):
-                raise ValueError(f"head name {name!r} nests under another head's name; rename one of them")
-        if leaf in node:
-            raise ValueError(f"head name {name!r} is also the prefix of other heads' names; rename one of them")
-        node[leaf] = module
-    return root
-
-
 class Distiller(nn.Module):
     """A trainable classifier and its distillation heads, beside a frozen teacher.
 
@@ -108,9 +83,13 @@ class Distiller(nn.Module):
     modules ``student_feature`` / ``teacher_feature`` (as found by :func:`diffkd.models.default_taps`) and a head
     named ``"logit"`` the logits.  Heads run in the order of ``bindings``, then of ``heads``.  Token outputs
     (B×N×C) become maps, and of two maps of different sizes the larger is average-pooled to the smaller size.
+    ``criterion(logits, targets)`` is the task loss (default: cross-entropy, logged as ``ce_loss``; one's own is
+    logged as ``task_loss``), weighted by ``ce_weight``.
 
     ``forward(images, targets)`` returns ``loss`` (to optimise), ``logits`` (the student's), ``ce_loss`` and
     ``<head>/<term>`` for every scalar term of every head (per-sample terms such as ``gamma`` as batch means).
+    ``distill_loss`` is the :class:`diffkd.DiffKDLoss` that runs the heads (None without heads); its ``heads``
+    are this module's, so the state_dict keys are ``student.*`` and ``heads.<name>.*``.
     """
 
     task = "classification"
@@ -118,15 +97,23 @@ class Distiller(nn.Module):
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module, heads: Mapping[str, nn.Module] | None = None,
                  *, bindings: Mapping[str, HeadBinding] | None = None, teacher_feature: str | None = None,
-                 student_feature: str | None = None, ce_weight: float = 1.0):
+                 student_feature: str | None = None, ce_weight: float = 1.0,
+                 criterion: Callable | None = None):
         super().__init__()
         heads = dict(heads or {})
         if heads and teacher is None:
             raise ValueError(f"heads {sorted(heads)} need a teacher, got teacher=None")
         self.student = student
-        self.heads = _module_tree(heads)
         self.bindings = self._resolve_bindings(heads, dict(bindings or {}), student_feature, teacher_feature)
+        distill_loss = DiffKDLoss.from_heads(
+            heads, head_of={name: binding.head for name, binding in self.bindings.items()},
+            weights={name: binding.weight for name, binding in self.bindings.items()},
+            note_pooling=False) if heads else None  # the builders say at start-up what gets pooled
+        self.heads = distill_loss.heads if distill_loss is not None else nn.ModuleDict()
+        # Not a submodule: its heads are registered here as `heads`, which keeps the checkpoints' keys.
+        object.__setattr__(self, "distill_loss", distill_loss)
         self.ce_weight = ce_weight
+        self.criterion = criterion
         # Not a submodule on purpose: state_dict, parameters(), the optimizer and DDP must never see the teacher.
         object.__setattr__(self, "teacher", teacher)
         if teacher is not None:
@@ -138,7 +125,7 @@ class Distiller(nn.Module):
     def _resolve_bindings(self, heads: dict, bindings: dict, student_feature: str | None,
                           teacher_feature: str | None) -> dict[str, HeadBinding]:
         for name, binding in bindings.items():
-            _check_head_name(name)
+            check_pair_name(name)
             module_name = binding.head or name
             if module_name not in heads:
                 raise ValueError(f"binding {name!r} uses head {module_name!r}, which is not one of the heads "
@@ -189,8 +176,7 @@ class Distiller(nn.Module):
     def head_modules(self) -> dict[str, nn.Module]:
         """Every head module by its name in :attr:`heads` (dotted where names nest: ``fpn.0``), each once even when
         bindings share it; ``heads.set_submodule(name, module)`` replaces one (e.g. by a CUDA-graphed wrapper)."""
-        names = dict.fromkeys(binding.head or name for name, binding in self.bindings.items())
-        return {name: self.heads.get_submodule(name) for name in names}
+        return self.distill_loss.head_modules() if self.distill_loss is not None else {}
 
     def extra_parameter_count(self) -> int:
         """Parameters that exist only for training (the heads); the deployed student does not carry them."""
@@ -204,8 +190,14 @@ class Distiller(nn.Module):
     def _student_forward(self, images, targets) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], torch.Tensor]:
         """(student output for output-bound heads, logged task terms, weighted task loss)."""
         logits = self.student(images)
-        ce_loss = F.cross_entropy(logits.float(), targets)
-        return logits, {"logits": logits, "ce_loss": ce_loss.detach()}, self.ce_weight * ce_loss
+        name, task_loss = self._task_loss(logits, targets)
+        return logits, {"logits": logits, name: task_loss.detach()}, self.ce_weight * task_loss
+
+    def _task_loss(self, scores: torch.Tensor, targets, **cross_entropy_options) -> tuple[str, torch.Tensor]:
+        """(its logged name, the task loss): ``criterion``'s, or the cross-entropy of float32 scores."""
+        if self.criterion is not None:
+            return "task_loss", self.criterion(scores, targets)
+        return "ce_loss", F.cross_entropy(scores.float(), targets, **cross_entropy_options)
 
     # ---- the common part -------------------------------------------------------------------------------------
     def forward(self, images, targets) -> dict[str, torch.Tensor]:
@@ -217,19 +209,17 @@ class Distiller(nn.Module):
                     teacher_tensors = {tap: self._teacher_taps.map(tap) for tap in self._teacher_taps.taps}
                     self._teacher_taps.clear()
         student_output, out, loss = self._student_forward(images, targets)
-        for name, binding in self.bindings.items():
-            student_tensor = student_output if binding.student is None else self._student_taps.map(binding.student)
-            teacher_tensor = teacher_output if binding.teacher is None else teacher_tensors[binding.teacher]
-            if student_tensor.dim() == 4 and teacher_tensor.dim() == 4:
-                student_tensor, teacher_tensor = match_spatial(student_tensor, teacher_tensor)
-            terms = self.heads.get_submodule(binding.head or name)(student_tensor, teacher_tensor)
-            loss = loss + (terms["loss"] if binding.weight == 1 else binding.weight * terms["loss"])
-            for term, value in terms.items():
-                if term not in _UNLOGGED_TERMS:
-                    out[f"{name}/{term}"] = value.detach().float().mean()
+        if self.distill_loss is not None:
+            student_feats, teacher_feats = {}, {}
+            for name, binding in self.bindings.items():
+                student_feats[name] = (student_output if binding.student is None
+                                       else self._student_taps.map(binding.student))
+                teacher_feats[name] = teacher_output if binding.teacher is None else teacher_tensors[binding.teacher]
+            out.update(self.distill_loss(student_feats, teacher_feats, task_loss=loss))  # adds "loss", the total
+        else:
+            out["loss"] = loss
         if self._student_taps is not None:
             self._student_taps.clear()
-        out["loss"] = loss
         return out
 
 
@@ -241,7 +231,9 @@ class DetectionDistiller(Distiller):
     detector's losses + every head's loss), ``detection_loss`` (that sum), ``detection/<name>`` for each of the
     detector's losses (``loss_classifier``, ``loss_box_reg``, ``loss_objectness``, ``loss_rpn_box_reg`` for
     Faster R-CNN; ``classification``, ``bbox_regression`` (, ``bbox_ctrness``) for RetinaNet / FCOS) and
-    ``<head>/<term>`` per head.  The teacher runs only its transform and backbone, under no_grad, in eval mode.
+    ``<head>/<term>`` per head.  ``criterion(losses)`` turns the detector's loss dict into the detection loss
+    (default: their sum).  The teacher runs under no_grad, in eval mode: a torchvision detector only its transform
+    and backbone, any other detector its whole forward on the list of images.
     """
 
     task = "detection"
@@ -249,6 +241,8 @@ class DetectionDistiller(Distiller):
 
     def _teacher_forward(self, images):
         teacher = unwrap_model(self.teacher)
+        if not (hasattr(teacher, "transform") and hasattr(teacher, "backbone")):
+            return teacher(list(images))
         image_list, _ = teacher.transform(list(images))
         teacher.backbone(image_list.tensors)  # the taps read the FPN levels
 
@@ -258,7 +252,7 @@ class DetectionDistiller(Distiller):
                              "return only in train mode: call .train() first (evaluate the student with "
                              "diffkd.models.evaluate_detection)")
         losses = self.student(list(images), targets)
-        detection_loss = sum(losses.values())
+        detection_loss = sum(losses.values()) if self.criterion is None else self.criterion(losses)
         out = {f"detection/{name}": value.detach() for name, value in losses.items()}
         out["detection_loss"] = detection_loss.detach()
         return None, out, self.ce_weight * detection_loss
@@ -269,7 +263,8 @@ class SegmentationDistiller(Distiller):
 
     ``forward(images, targets)`` takes B×3×H×W images and B×H×W class ids (``ignore_index`` pixels count in no
     loss) and returns ``loss`` (``ce_weight`` × the cross-entropy of the upsampled student output + the heads'
-    losses), ``ce_loss`` and ``<head>/<term>`` per head.
+    losses), ``ce_loss`` and ``<head>/<term>`` per head.  ``criterion(scores, targets)`` replaces the
+    cross-entropy (logged as ``task_loss``; ``ignore_index`` is then its business).
     """
 
     task = "segmentation"
@@ -277,14 +272,14 @@ class SegmentationDistiller(Distiller):
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module, heads: Mapping[str, nn.Module] | None = None,
                  *, bindings: Mapping[str, HeadBinding] | None = None, ce_weight: float = 1.0,
-                 ignore_index: int = IGNORE_INDEX):
-        super().__init__(teacher, student, heads, bindings=bindings, ce_weight=ce_weight)
+                 ignore_index: int = IGNORE_INDEX, criterion: Callable | None = None):
+        super().__init__(teacher, student, heads, bindings=bindings, ce_weight=ce_weight, criterion=criterion)
         self.ignore_index = ignore_index
 
     def _student_forward(self, images, targets):
         scores = score_map_output(self.student(images))
-        ce_loss = F.cross_entropy(scores.float(), targets, ignore_index=self.ignore_index)
-        return None, {"ce_loss": ce_loss.detach()}, self.ce_weight * ce_loss
+        name, task_loss = self._task_loss(scores, targets, ignore_index=self.ignore_index)
+        return None, {name: task_loss.detach()}, self.ce_weight * task_loss
 
 
 # ---- builders --------------------------------------------------------------------------------------------------
@@ -368,6 +363,8 @@ def build_detection_distiller(settings: MethodSettings, student: nn.Module, teac
     logged under its own name).  ``head_weights`` scales named levels' losses (default 1).  ValueError when the
     detectors preprocess differently or their levels do not match (strides or channels).
     """
+    from diffkd.models.detection import check_same_preprocessing, fpn_levels, match_fpn_levels  # torchvision: lazily
+
     _check_method(settings, "detection")
     if settings.method == "none":
         return DetectionDistiller(None, student, ce_weight=settings.ce_weight)
