@@ -163,3 +163,28 @@ def test_bad_settings_fail_clearly():
         DiffKDTask(student, teacher, features=["layer9"], input_size=SIZE, verbose=False)
     with pytest.raises(ValueError, match="ae_channels"):
         DiffKDTask(student, teacher, features=["layer4"], ae_channels=-1, input_size=SIZE, verbose=False)
+
+
+def test_zoo_models_without_pretrained_config_hand_the_input_over_unchanged():
+    from diffkd.models import create_model
+    student, teacher = create_model("resnet8x4", num_classes=NUM_CLASSES), create_model("resnet32x4",
+                                                                                       num_classes=NUM_CLASSES)
+    task = DiffKDTask(student, teacher, verbose=False)   # input size and taps found by the zoo's rules
+    assert task.diffkd.taps == {"feature": ("layer3", "layer3"), "logits": (None, None)}
+    seen = []
+    handle = teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images, labels = batch(2)
+    result = run_once(task, images, labels)
+    handle.remove()
+    assert seen[0] is images or torch.equal(seen[0], images)
+    assert torch.isfinite(result["loss"])
+
+
+def test_compile_compiles_the_eval_student_and_checkpoints_stay_unwrapped(resnet_task):
+    plain_keys = set(resnet_task.get_checkpoint_state()["state_dict"])
+    compiled = resnet_task.compile(backend="eager")
+    try:
+        assert resnet_task.get_eval_model() is compiled
+        assert set(resnet_task.get_checkpoint_state()["state_dict"]) == plain_keys
+    finally:
+        del resnet_task.eval_model   # the module-scoped task goes back to its plain eval model
