@@ -268,12 +268,24 @@ def as_dict(gaps: Mapping[str, PairGap]) -> dict[str, dict]:
 
 def format_table(gaps: Mapping[str, PairGap]) -> str:
     """One row per measured point: both ridge directions (SNR, 1 − R²) and CKA."""
-    lines = [f"{'point':<20} {'s→t SNR':>9} {'s→t 1−R²':>9} {'t→s SNR':>9} {'t→s 1−R²':>9} {'CKA':>6}"]
+    lines = [f"{'point':<20} {'s→t SNR':>9} {'s→t 1−R²':>9} {'t→s SNR':>9} {'t→s 1−R²':>9} {'CKA':>6} "
+             f"{'fit / test samples':>20}"]
     for name, gap in gaps.items():
         s2t, t2s = gap.student_to_teacher, gap.teacher_to_student
         lines.append(f"{name:<20} {s2t.snr:>9.3f} {s2t.one_minus_r2:>9.3f} {t2s.snr:>9.3f} {t2s.one_minus_r2:>9.3f} "
-                     f"{gap.cka:>6.3f}")
-    first = next(iter(gaps.values()))
-    lines.append(f"(ridge maps fitted on {first.fit_samples} samples, scored on {first.test_samples}; samples are "
-                 f"feature vectors per spatial position)")
+                     f"{gap.cka:>6.3f} {f'{gap.fit_samples} / {gap.test_samples}':>20}")
+    lines.append("(s→t: the student's feature read out linearly as the teacher's; samples: one per image and spatial "
+                 "position)")
     return "\n".join(lines)
+
+
+def checkpoint_report(checkpoint: Mapping | None, *, dataset: str, data_dir: str | None, task: str,
+                      device: torch.device | str = "cpu") -> str:
+    """The table ``python -m diffkd.eval RUN/last.pth --noise-gap`` prints: the run's student against its
+    teacher, fitted on the first FIT_IMAGES training images and scored on the test images."""
+    if checkpoint is None:
+        raise ValueError("it needs the last.pth / best.pth of a diffkd run (its settings name the teacher)")
+    if task != "classification":
+        raise ValueError(f"it measures classifiers' features and logits; this run is {task}")
+    fit, test, info = measurement_batches(dataset, data_dir)
+    return format_table(measure_checkpoint(checkpoint, fit, test, info, device=device))

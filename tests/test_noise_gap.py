@@ -79,3 +79,25 @@ def test_a_trained_diffkd_pair_is_measured_at_every_point():
     assert gaps["feature/raw"].fit_samples == 16 * 49 and gaps["logit/raw"].fit_samples == 16
     assert all(0 <= g.student_to_teacher.one_minus_r2 for g in gaps.values())
     assert "feature/denoised" in format_table(gaps)
+
+
+def test_a_run_without_teacher_is_measured_against_a_named_one(tmp_path):
+    from diffkd.models import create_model
+    from diffkd.noise_gap import checkpoint_report, measure_checkpoint
+
+    torch.manual_seed(0)
+    student = create_model("resnet8", num_classes=10, in_chans=1)
+    teacher_file = tmp_path / "teacher.pth"
+    torch.save({"model": create_model("resnet14", num_classes=10, in_chans=1).state_dict()}, teacher_file)
+    checkpoint = {"args": {"method": "none", "student": "resnet8", "dataset": "fashion-mnist"},
+                  "student": student.state_dict()}
+    info = {"num_classes": 10, "in_chans": 1, "image_size": 28}
+    images = [(torch.randn(8, 1, 28, 28),)]
+    with pytest.raises(ValueError, match="has no teacher"):
+        measure_checkpoint(checkpoint, images, images, info)
+    gaps = measure_checkpoint(checkpoint, images, images, info, teacher=("resnet14", teacher_file))
+    assert set(gaps) == {"feature/raw", "logit/raw"}
+    with pytest.raises(ValueError, match="last.pth"):
+        checkpoint_report(None, dataset="fashion-mnist", data_dir=None, task="classification")
+    with pytest.raises(ValueError, match="detection"):
+        checkpoint_report(checkpoint, dataset="fashion-scenes", data_dir=None, task="detection")
