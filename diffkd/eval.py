@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DiffKD runs: also the NFE diagnosis on the test set (diffkd.diagnose: distance to the "
                              "teacher per number of denoising steps and along the chain), printed and written as "
                              "nfe-diagnosis.{json,csv,png} next to the checkpoint, or in FOLDER")
+    parser.add_argument("--noise-gap", action="store_true",
+                        help="also how much of the teacher's feature the student's does not explain (diffkd.noise_gap: "
+                             "ridge SNR and 1 − R² both ways, linear CKA; per DiffKD head raw, after the projection "
+                             "and after denoising), fitted on 10,000 training images, scored on the test set")
     return parser
 
 
@@ -118,6 +122,13 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
                           log=runtime.log)
         except ValueError as error:
             raise UsageError(f"--diagnose: {error}") from None
+    if args.noise_gap:
+        from diffkd.noise_gap import checkpoint_report  # the training images load only when asked for
+        try:
+            runtime.log(checkpoint_report(checkpoint, dataset=settings.dataset, data_dir=settings.data_dir,
+                                          task=task.name, device=runtime.device))
+        except ValueError as error:
+            raise UsageError(f"--noise-gap: {error}") from None
     return metrics
 
 
