@@ -101,6 +101,8 @@ def test_state_dict_and_checkpoint_round_trip(resnet_task, tmp_path):
                          distill_loss_weight=1.0, verbose=False)
     timm_task.resume_task_checkpoint(resumed, str(tmp_path / "checkpoint.pth"), log_info=False)
     torch.testing.assert_close(run_once(resumed, images, labels)["loss"], expected["loss"])
+    with pytest.raises(RuntimeError, match="another task"):
+        resumed.load_task_state({"projection": {}})
 
 
 def test_ema_tracks_student_and_heads(resnet_task):

@@ -260,6 +260,9 @@ class DiffKDTask(TrainingTask):
         if not state:   # a student-only checkpoint (initial weights, a legacy file): the heads start afresh
             _logger.warning("DiffKDTask: the checkpoint holds no DiffKD head state; the heads start afresh")
             return
+        if "diffkd" not in state:
+            raise RuntimeError(f"the checkpoint's task state holds {sorted(state)}, not the DiffKD heads ('diffkd'): "
+                               f"it was written by another task")
         trainable = self._trainable(module, ema)
         if trainable is None:
             raise RuntimeError("cannot load the EMA task state before setup_ema()" if ema
