@@ -32,7 +32,9 @@ from torchdistill.models.wrapper import AuxiliaryModelWrapper
 from diffkd.loss import DiffKDLoss
 from diffkd.models.factory import create_model
 
-HEADS_ENTRY = "diffkd"          # the student I/O dict entry through which the wrapper hands its heads to the loss
+# The student I/O dict entry through which the wrapper hands its heads to the loss (not a module path, so no hook
+# of the config can collide with it).
+HEADS_ENTRY = "diffkd:heads"
 WRAPPER_KEY, LOSS_KEY, MODEL_KEY = "DiffKDStudent", "DiffKDLoss", "diffkd_model"
 SIDES = ("student", "teacher")
 
