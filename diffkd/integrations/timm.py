@@ -3,7 +3,7 @@
 timm's ``train.py`` drives a task: ``result = task(input, target)``, ``result["loss"].backward()``, the optimizer
 over ``task.get_trainable_module()``, ``task.setup_ema()`` / ``task.update_ema()``, ``task.prepare_distributed()``
 and checkpoints from ``task.get_checkpoint_state()``.  :class:`DiffKDTask` takes the arguments of timm's
-``FeatureDistillationTask`` plus DiffKD's settings, and distils named features (and the logits) of the teacher into
+``FeatureDistillationTask`` (build it where ``train.py`` builds that task) plus DiffKD's settings, and distils named features (and the logits) of the teacher into
 the student through :class:`diffkd.DiffKDLoss`::
 
     task = DiffKDTask(student, "resnet50", criterion=nn.CrossEntropyLoss(), features=["layer4"], nfe=5)
