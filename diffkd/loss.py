@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffkd.graphs import CUDAGraphHead
 from diffkd.models.checkpoint import unwrap_model
 from diffkd.models.taps import FeatureTaps, _EvalNoGrad, describe_spatial_match, match_spatial
 from diffkd.modules import DiffKDHead
@@ -220,7 +219,9 @@ class DiffKDLoss(nn.Module):
         self.note_pooling = note_pooling
         self._pooling_noted: set[str] = set()
         if _resolve_graph(graph):
-            uses = [head for head in self.head_of.values()]
+            from diffkd.graphs import CUDAGraphHead  # here: its module imports torch._dynamo, seconds of start-up
+
+            uses = list(self.head_of.values())
             for name in dict.fromkeys(uses):
                 head = self.heads.get_submodule(name)
                 if isinstance(head, DiffKDHead) and uses.count(name) == 1:

@@ -13,20 +13,25 @@ Typical use::
     train_ds, val_ds, info = build_dense_datasets("detection", "fashion-scenes", augment_seed=seed)
     train_loader = build_loader(train_ds, 8, train=True, seed=seed, collate_fn=detection_collate)
 """
-from diffkd.data.cifar import CIFAR100, load_restricted_pickle
-from diffkd.data.coco import CocoDetection, build_coco_datasets, load_coco_instances
-from diffkd.data.dense import IGNORE_INDEX, detection_collate, segmentation_collate
-from diffkd.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, FashionMNIST
-from diffkd.data.idx import read_idx
-from diffkd.data.imagefolder import ImageFolder
-from diffkd.data.in_memory import InMemoryImageDataset, TensorImageTransform, sample_keys
-from diffkd.data.loaders import EpochShuffleSampler, ShardSampler, build_loader, subset
-from diffkd.data.recipes import (CIFAR100_MEAN, CIFAR100_STD, DATASET_NAMES, DETECTION_DATASET_NAMES,
-                                 FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD,
-                                 SEGMENTATION_DATASET_NAMES, build_datasets, build_dense_datasets)
-from diffkd.data.scenes import (SCENE_CLASSES, SCENES_MEAN, SCENES_STD, FashionScenes, SceneConfig, Scenes,
-                                build_scene_datasets, generate_scenes)
-from diffkd.data.segfolder import SegmentationFolder, build_segfolder_datasets
+from diffkd._lazy import lazy_attributes
+
+# Every reader on first use: the loaders need numpy, PIL and torchvision, COCO needs its evaluation packages.
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "diffkd.data.cifar": ("CIFAR100", "load_restricted_pickle"),
+    "diffkd.data.coco": ("CocoDetection", "build_coco_datasets", "load_coco_instances"),
+    "diffkd.data.dense": ("IGNORE_INDEX", "detection_collate", "segmentation_collate"),
+    "diffkd.data.fashion_mnist": ("DEFAULT_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "FashionMNIST"),
+    "diffkd.data.idx": ("read_idx",),
+    "diffkd.data.imagefolder": ("ImageFolder",),
+    "diffkd.data.in_memory": ("InMemoryImageDataset", "TensorImageTransform", "sample_keys"),
+    "diffkd.data.loaders": ("EpochShuffleSampler", "ShardSampler", "build_loader", "subset"),
+    "diffkd.data.recipes": ("CIFAR100_MEAN", "CIFAR100_STD", "DATASET_NAMES", "DETECTION_DATASET_NAMES",
+                            "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+                            "SEGMENTATION_DATASET_NAMES", "build_datasets", "build_dense_datasets"),
+    "diffkd.data.scenes": ("SCENE_CLASSES", "SCENES_MEAN", "SCENES_STD", "FashionScenes", "SceneConfig", "Scenes",
+                           "build_scene_datasets", "generate_scenes"),
+    "diffkd.data.segfolder": ("SegmentationFolder", "build_segfolder_datasets"),
+})
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "DATASET_NAMES",

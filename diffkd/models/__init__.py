@@ -6,15 +6,20 @@ checkpoints and feature taps.
 >>> feature_tap, logits_tap = default_taps("resnet8x4", student)      # ("layer3", "fc")
 >>> probe_taps(student, [feature_tap, logits_tap])                   # {"layer3": (1, 256, 8, 8), "fc": (1, 100)}
 """
+from diffkd._lazy import lazy_attributes
 from diffkd.models.checkpoint import (CheckpointInfo, describe_architecture, load_checkpoint,
                                       save_checkpoint_benchmark_format, unwrap_model)
 from diffkd.models.cifar import CifarNet
-from diffkd.models.detection import (DETECTION_BACKBONES, DETECTORS, FPNLevel, build_detector, evaluate_detection,
-                                     fpn_levels, match_fpn_levels)
 from diffkd.models.factory import create_model, list_cifar_models
-from diffkd.models.segmentation import SEGMENTERS, build_segmenter, evaluate_segmentation
-from diffkd.models.taps import (FeatureLogitTaps, FeatureTaps, TapSet, default_taps, describe_spatial_match, entry_tap, infer_input_size,
-                                match_spatial, probe_taps, to_feature_map, tokens_to_map)
+from diffkd.models.taps import (FeatureLogitTaps, FeatureTaps, TapSet, default_taps, describe_spatial_match, entry_tap,
+                                infer_input_size, match_spatial, probe_taps, to_feature_map, tokens_to_map)
+
+# The dense models need torchvision: imported on first use.
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "diffkd.models.detection": ("DETECTION_BACKBONES", "DETECTORS", "FPNLevel", "build_detector", "evaluate_detection",
+                                "fpn_levels", "match_fpn_levels"),
+    "diffkd.models.segmentation": ("SEGMENTERS", "build_segmenter", "evaluate_segmentation"),
+})
 
 __all__ = [
     "create_model", "list_cifar_models", "CifarNet",

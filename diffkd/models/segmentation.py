@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from diffkd.models.checkpoint import describe_architecture, load_checkpoint, unwrap_model
@@ -60,6 +59,8 @@ def build_segmenter(name: str, *, num_classes: int, checkpoint: str | os.PathLik
     options = dict(weights=None, weights_backbone=None, num_classes=num_classes)
     if not name.startswith("lraspp"):  # LR-ASPP has no auxiliary classifier and refuses the option
         options["aux_loss"] = False
+    import torchvision.models.segmentation  # here, not at the top: `import diffkd` stays without torchvision
+
     model = getattr(torchvision.models.segmentation, name)(**options)
     # torchvision's MobileNetV3 keeps BatchNorm running statistics with momentum 0.01, made for long schedules from
     # pretrained weights.  From random weights the statistics then lag far behind the weights for hundreds of steps,
