@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffkd.distill import Distiller, HeadBinding, build_distiller
+from diffkd import DiffKDLoss
+from diffkd.distill import DetectionDistiller, Distiller, HeadBinding, build_distiller
 from diffkd.methods import FeatureRegression, LogitDistillation, MethodSettings, method_settings
 from diffkd.losses import kl_div_loss
 from diffkd.models import create_model, default_taps
@@ -275,3 +276,53 @@ def test_bindings_that_do_not_fit_the_heads_are_refused(heads, bindings, message
         Distiller(teacher, student, heads, bindings=bindings)
     with pytest.raises(ValueError, match="weight must be >= 0"):
         HeadBinding(None, None, weight=-1.0)
+
+
+def test_the_distiller_runs_its_heads_through_one_diffkd_loss_that_shares_its_heads():
+    distiller = _distiller("diffkd")
+    assert isinstance(distiller.distill_loss, DiffKDLoss)
+    assert distiller.distill_loss.heads is distiller.heads  # one module tree: the keys stay heads.<name>.*
+    assert not any(key.startswith("distill_loss") for key in distiller.state_dict())
+    assert distiller.head_modules() == distiller.distill_loss.head_modules()
+    assert _distiller("none").distill_loss is None and list(_distiller("none").heads) == []
+
+
+def test_a_criterion_of_ones_own_replaces_cross_entropy():
+    teacher, student = _pair()
+    calls = []
+
+    def criterion(logits, targets):
+        calls.append(logits.shape)
+        return F.cross_entropy(logits, targets, label_smoothing=0.1)
+
+    distiller = Distiller(teacher, student, {"logit": LogitDistillation()}, criterion=criterion, ce_weight=0.5).train()
+    images, targets = _batch()
+    out = distiller(images, targets)
+    assert calls == [(4, 10)] and "ce_loss" not in out
+    torch.testing.assert_close(out["task_loss"], F.cross_entropy(out["logits"], targets, label_smoothing=0.1).detach())
+    torch.testing.assert_close(out["loss"].detach(), 0.5 * out["task_loss"] + out["logit/kd_loss"])
+
+
+class _TinyDetector(torch.nn.Module):
+    """A detector that is not torchvision's (no .transform / .backbone): losses in train mode, boxes in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, images, targets=None):
+        maps = self.body(torch.stack(images))
+        if self.training:
+            return {"loss_box": maps.square().mean(), "loss_cls": maps.abs().mean()}
+        return [{"boxes": torch.zeros(0, 4)} for _ in images]
+
+
+def test_a_detection_teacher_that_is_not_torchvisions_runs_its_whole_forward():
+    heads = {"body": FeatureRegression(8, 8)}
+    distiller = DetectionDistiller(_TinyDetector(), _TinyDetector(), heads,
+                                   bindings={"body": HeadBinding("body", "body")},
+                                   criterion=lambda losses: losses["loss_box"]).train()
+    out = distiller([torch.rand(3, 8, 8) for _ in range(2)], [{}, {}])
+    assert {"detection/loss_box", "detection/loss_cls", "body/kd_loss"} <= set(out)
+    torch.testing.assert_close(out["detection_loss"], out["detection/loss_box"])  # the criterion's choice
+    torch.testing.assert_close(out["loss"].detach(), out["detection/loss_box"] + out["body/kd_loss"])
