@@ -42,8 +42,9 @@ from benchmarks._report import Results, make_table, print_section  # noqa: E402
 from benchmarks._timing import TimingPlan, is_gpu, time_candidates, time_left  # noqa: E402
 from benchmarks.naive_head import NaiveDiffKDHead, PaperScheduler  # noqa: E402
 from diffkd import CUDAGraphHead, DiffKDHead, kl_div_loss  # noqa: E402
-from diffkd.graphs import SELF_CHECK_TOLERANCE, StepRecord, compare_steps, head_path, kernels_as_captured  # noqa: E402
+from diffkd.graphs import SELF_CHECK_TOLERANCE, StepRecord, compare_steps, head_path  # noqa: E402
 from diffkd.models import FeatureLogitTaps, create_model, default_taps, match_spatial, probe_taps  # noqa: E402
+import kernels  # noqa: E402
 from kernels._common import interpreter_enabled  # noqa: E402
 
 METHODS = ("none", "kd", "diffkd-paper", "diffkd-torch", "diffkd-triton", "diffkd-graphed", "diffkd-compile")
@@ -253,7 +254,7 @@ def check_graphed_against_eager(setup: TrainingSetup, steps: int = EQUALITY_STEP
             outputs["loss"].backward()
             ours = _record(outputs, student, graphed.head)
             _set_rng_state(state, device)
-            with kernels_as_captured(twin):
+            with kernels.auto_uses_triton():  # the kernels the graph runs, with the same in-kernel noise
                 outputs = twin(twin_student, teacher)
             outputs["loss"].backward()
             verdict = compare_steps(ours, _record(outputs, twin_student, twin))

@@ -1,10 +1,8 @@
 """CUDAGraphHead: transparent on a CPU, state-dict transparent everywhere, and its capture / self-check / fallback
-logic exercised on a CPU through an emulation of torch.cuda.make_graphed_callables (the runtime seam).
-
-The emulation keeps what matters for correctness: warm-up iterations that change BatchNorm statistics and the random
-state, static input and output buffers that every replay overwrites, and one autograd node per replay whose backward
-differentiates the *latest* replay's activations.  Real CUDA graphs are tested at the end (skipped without a GPU);
-they use backend="torch" because conftest runs Triton in its CPU interpreter, which cannot be captured.
+logic exercised on a CPU through a faithful model of torch.cuda.make_graphed_callables (tests/graph_emulation.py:
+static inputs, static outputs returned detached, static gradient buffers returned detached and overwritten by
+the next replay), so that gradient accumulation meets the same aliasing as on a GPU.  Real CUDA graphs are tested
+in tests/test_graphs_gpu.py.
 """
 from __future__ import annotations
 
@@ -20,8 +18,9 @@ import torch.nn as nn
 import diffkd
 import kernels
 from diffkd import CUDAGraphHead, DiffKDHead, load_official_state_dict
-from diffkd.graphs import (GraphingFailed, StepRecord, _gradient_error, compare_steps, head_path,
-                           kernels_as_captured, record_step)
+from diffkd.graphs import (GraphingFailed, StepRecord, compare_steps, gradient_error, head_path, owned_copies,
+                           record_step)
+from graph_emulation import make_graphed_callable_on_cpu
 
 SHAPES = {"feature": (dict(student_channels=8, teacher_channels=16), (4, 8, 3, 3), (4, 16, 3, 3)),
           "feature-ae": (dict(student_channels=8, teacher_channels=16, use_ae=True, ae_channels=12), (4, 8, 3, 3),
@@ -61,60 +60,16 @@ def _assert_same_state(a: nn.Module, b: nn.Module, exact: bool = True):
     counters = [{n: x for n, x in state.items() if not x.is_floating_point()} for state in states]
     assert all(torch.equal(x, counters[1][n]) for n, x in counters[0].items())
     floats = [{n: x for n, x in state.items() if x.is_floating_point()} for state in states]
-    assert _gradient_error(*floats) < 1e-4 and _gradient_error(*grads) < 1e-4
+    assert gradient_error(*floats) < 1e-4 and gradient_error(*grads) < 1e-4
 
 
-# ---- the CPU emulation of make_graphed_callables -----------------------------------------------------------------
-class _Replay(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, graph, *inputs):
-        ctx.graph = graph
-        return graph.replay(inputs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        return (None, *ctx.graph.backward(grads))
-
-
-class _EmulatedGraph:
-    def __init__(self, step, sample_args, loss_offset):
-        self.step, self.loss_offset = step, loss_offset
-        self.static_inputs = [a.detach().clone().requires_grad_(a.requires_grad) for a in sample_args[:2]]
-        self.static_inputs += list(sample_args[2:])  # the parameter aliases share the parameters' storage
-        self.keys = self.static_outputs = self.live = None
-
-    def replay(self, inputs):
-        with torch.no_grad():
-            for static, given in zip(self.static_inputs[:2], inputs[:2]):
-                static.copy_(given)
-        with torch.enable_grad():
-            out = self.step(*self.static_inputs)
-        self.keys, self.live = list(out), list(out.values())
-        values = [v.detach() + (self.loss_offset if k == "loss" else 0) for k, v in out.items()]
-        if self.static_outputs is None:
-            self.static_outputs = [v.clone() for v in values]
-        else:
-            for static, value in zip(self.static_outputs, values):
-                static.copy_(value)
-        return tuple(s.detach() for s in self.static_outputs)
-
-    def backward(self, grads):
-        pairs = [(o, g) for o, g in zip(self.live, grads) if o.requires_grad]
-        wanted = [s for s in self.static_inputs if s.requires_grad]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        return tuple(next(got) if s.requires_grad else None for s in self.static_inputs)
-
-    def __call__(self, *args):
-        values = _Replay.apply(self, *args)
-        return dict(zip(self.keys, values))
-
-
+# ---- the CPU stand-in of diffkd.graphs.runtime.CudaGraphRuntime ------------------------------------------------
 class CPUGraphs:
-    """A CPU stand-in for diffkd.graphs.CudaGraphRuntime."""
+    """Captures with the faithful CPU model; ``capture_error`` makes capture raise, ``fail_batch`` makes it raise
+    only for that batch size, ``loss_offset`` makes every replay's loss wrong (so the self-check fails)."""
 
-    def __init__(self, capture_error: Exception | None = None, loss_offset: float = 0.0):
-        self.capture_error, self.loss_offset = capture_error, loss_offset
+    def __init__(self, capture_error: Exception | None = None, loss_offset: float = 0.0, fail_batch: int | None = None):
+        self.capture_error, self.loss_offset, self.fail_batch = capture_error, loss_offset, fail_batch
         self.captures = 0
 
     @staticmethod
@@ -130,21 +85,21 @@ class CPUGraphs:
         torch.set_rng_state(state)
 
     @staticmethod
-    def kernels_as_captured(head):
-        return contextlib.nullcontext()
+    def pool_bytes(pool, device):
+        return None  # no memory pool on a CPU
 
-    def capture(self, step, sample_args, warmup_iterations):
+    def capture(self, step, sample_args, warmup_iterations, device):
         self.captures += 1
         self.autocast_at_capture = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
                                     torch.is_autocast_cache_enabled())
-        if self.capture_error is not None:
+        if self.capture_error is not None and self.fail_batch in (None, sample_args[0].shape[0]):
             raise self.capture_error
-        for _ in range(warmup_iterations):  # changes BatchNorm statistics and the random state, as on a GPU
-            out = step(*sample_args)
-            grads = [v for v in out.values() if v.requires_grad]
-            torch.autograd.grad(grads, [a for a in sample_args if a.requires_grad],
-                                [torch.ones_like(v) for v in grads], allow_unused=True)
-        return _EmulatedGraph(step, sample_args, self.loss_offset)
+        if self.loss_offset:
+            def offset_step(*args, _step=step):
+                outputs = _step(*args)
+                return {**outputs, "loss": outputs["loss"] + self.loss_offset}
+            return make_graphed_callable_on_cpu(offset_step, sample_args, warmup_iterations, True), None
+        return make_graphed_callable_on_cpu(step, sample_args, warmup_iterations, True), None
 
 
 def _graphed(head, **runtime):
@@ -394,7 +349,7 @@ def test_a_failing_capture_or_self_check_falls_back_once_and_leaves_one_eager_st
             ours, theirs = _step(wrapped, student, teacher, seed), _step(twin, twin_student, teacher, seed)
             assert all(torch.equal(ours[k], theirs[k]) for k in ours)
             assert torch.equal(student.grad, twin_student.grad)
-    assert len(caught) == 1 and "runs this head eagerly from now on" in str(caught[0].message)
+    assert len(caught) == 1 and "runs these features eagerly" in str(caught[0].message)
     assert reason in str(caught[0].message) and reason in wrapped.fallback_reason
     _assert_same_state(head, twin)  # warm-up and check steps left no trace: exactly the eager steps
     assert wrapped._runtime.captures <= 1 and wrapped.path == "eager torch"
@@ -480,58 +435,66 @@ def test_record_step_leaves_grad_untouched_and_needs_a_loss():
         record_step(lambda s, t: {"kd": s.sum()}, head, student, teacher)
 
 
-def test_kernels_as_captured_uses_auto_uses_triton_for_auto_heads_only(monkeypatch):
-    assert isinstance(kernels_as_captured(_head("feature")[0]), contextlib.nullcontext)
-    entered = []
+# ---- gradient accumulation against PyTorch's buffer semantics (PyTorch issue 181723) -----------------------------
+def _accumulate(module, optimizer, micro_batches, step, set_to_none, no_sync=contextlib.nullcontext):
+    """One optimizer step's worth of micro-batches (the last outside ``no_sync``), from fixed features and seeds."""
+    for index in range(micro_batches):
+        generator = torch.Generator().manual_seed(100 * step + index)
+        student, teacher = torch.randn(4, 8, 3, 3, generator=generator), torch.randn(4, 16, 3, 3, generator=generator)
+        torch.manual_seed(1000 * step + index)
+        with no_sync() if index + 1 < micro_batches else contextlib.nullcontext():
+            module(student.requires_grad_(), teacher)["loss"].backward()
+    bare = getattr(getattr(module, "module", module), "head", module)  # inside DDP and CUDAGraphHead
+    grads = {n: p.grad.clone() for n, p in bare.named_parameters()}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    return grads
 
-    @contextlib.contextmanager
-    def fake():
-        entered.append(True)
-        yield
-    monkeypatch.setattr(kernels, "auto_uses_triton", fake, raising=False)
-    with kernels_as_captured(_head("feature", backend="auto")[0]):
-        pass
-    assert entered == [True]
-    monkeypatch.delattr(kernels, "auto_uses_triton")
-    with pytest.raises(GraphingFailed, match="auto_uses_triton"):
-        kernels_as_captured(_head("feature", backend="auto")[0])
+
+def _assert_accumulation_matches_the_bare_head(wrap, micro_batches, set_to_none, no_sync=None):
+    head = _head("feature")[0]
+    twin = copy.deepcopy(head)
+    wrapped = wrap(head)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (wrapped, twin)]
+    for step in range(3):
+        ours = _accumulate(wrapped, optimizers[0], micro_batches, step, set_to_none,
+                           no_sync or contextlib.nullcontext)
+        theirs = _accumulate(twin, optimizers[1], micro_batches, step, set_to_none)
+        error = gradient_error(ours, theirs)
+        assert error <= 1e-5, f"step {step}: accumulated .grad differs from the bare head's by {error:.3g}"
+    graphed = wrapped.module if hasattr(wrapped, "module") else wrapped
+    assert graphed.path == "graphed torch" and graphed._runtime.captures == 1
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["set_to_none", "zeroed"])
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_accumulated_gradients_equal_the_bare_heads(micro_batches, set_to_none):
+    _assert_accumulation_matches_the_bare_head(_graphed, micro_batches, set_to_none)
+
+
+def test_accumulated_gradients_equal_the_bare_heads_under_ddp_no_sync(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        holder = {}
+
+        def wrap(head):
+            holder["ddp"] = DistributedDataParallel(_graphed(head))  # graph before DDP
+            return holder["ddp"]
+        _assert_accumulation_matches_the_bare_head(wrap, 2, True, no_sync=lambda: holder["ddp"].no_sync())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_owned_copies_are_new_memory_with_the_same_values():
+    grads = (torch.randn(3), None, torch.randn(2, 2))
+    copies = owned_copies(grads)
+    assert copies[1] is None
+    for grad, copied in zip(grads[::2], copies[::2]):
+        assert torch.equal(grad, copied) and grad.data_ptr() != copied.data_ptr()
 
 
 def test_exported_from_the_package():
     assert diffkd.CUDAGraphHead is CUDAGraphHead and "CUDAGraphHead" in diffkd.__all__
-
-
-# ---- real CUDA graphs (GPU sessions) --------------------------------------------------------------------------------
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda
-@pytest.mark.parametrize("kind", ["feature-ae", "logit"])
-def test_cuda_graphed_head_equals_eager_over_three_steps(kind):
-    head, s_shape, t_shape = _head(kind)
-    head = head.cuda()
-    twin = copy.deepcopy(head)
-    wrapped = CUDAGraphHead(head)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (head, twin)]
-    for step in range(3):
-        student, teacher = (t.cuda() for t in _features(s_shape, t_shape, step))
-        student = student.detach().requires_grad_()
-        twin_student = student.detach().clone().requires_grad_()
-        state = torch.cuda.get_rng_state()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            ours = wrapped(student, teacher)
-            ours["loss"].backward()
-        torch.cuda.set_rng_state(state)
-        theirs = twin(twin_student, teacher)
-        theirs["loss"].backward()
-        for key in theirs:
-            assert torch.allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-5), (step, key)
-        assert torch.allclose(student.grad, twin_student.grad, rtol=1e-4, atol=1e-5)
-        _assert_same_state(head, twin, exact=False)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-    assert wrapped.path == "graphed torch" and wrapped.fallback_reason is None
-    assert all(v["passed"] for v in wrapped.self_checks.values()) and len(wrapped.self_checks) == 1
-    assert head.proj[1].num_batches_tracked.item() == 3
