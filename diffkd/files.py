@@ -11,6 +11,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -47,14 +48,65 @@ def save_atomically(content, path: str | os.PathLike) -> Path:
     return write_atomically(path, lambda file: torch.save(content, file))
 
 
+# How torch.save's two formats begin: a zip archive holding ``<name>/data.pkl``, or (before PyTorch 1.6, and with
+# ``_use_new_zipfile_serialization=False``) a pickle of this magic number.
+_ZIP_SIGNATURE = b"PK\x03\x04"
+_LEGACY_TORCH_SIGNATURE = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+# Other kinds of file people pass by mistake, recognised by their first bytes.
+_SIGNATURES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+               b"%PDF": "a PDF document", b"\x1f\x8b": "a gzip archive", b"BZh": "a bzip2 archive",
+               b"\xfd7zXZ": "an xz archive", b"\x93NUMPY": "a NumPy array file (.npy)"}
+
+
+def not_a_checkpoint(path: str | os.PathLike) -> str | None:
+    """None when the file is laid out like a checkpoint (torch.save's zip or legacy format, or safetensors), else
+    what it looks like instead ("a text file (it starts 'epoch,steps')", "a PNG image", ...).
+
+    Only the layout is checked: a truncated or corrupted checkpoint passes here and fails in ``torch.load``."""
+    path = Path(path)
+    with open(path, "rb") as file:
+        head = file.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(_ZIP_SIGNATURE):
+        if not zipfile.is_zipfile(path):
+            return None  # a zip cut short: torch.load says it is damaged
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(name.endswith("data.pkl") for name in names):
+            return None
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"a zip archive of something else (it holds {shown or 'nothing'}, not torch.save's data.pkl)"
+    if head.startswith(_LEGACY_TORCH_SIGNATURE[:len(head)]):
+        return None
+    if path.suffix == ".safetensors" and len(head) > 8 and head[8:9] == b"{":
+        return None  # 8 bytes of header length, then the JSON header
+    for signature, kind in _SIGNATURES.items():
+        if head.startswith(signature):
+            return kind
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 4:  # not just a multi-byte character cut by the 512-byte read
+            return f"a binary file of an unknown kind (it starts with bytes {head[:8].hex(' ')})"
+        text = head[:error.start].decode("utf-8")
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return f"a text file (it starts {first_line[:40]!r})"
+
+
 def load_weights_file(path: str | os.PathLike):
     """The content of a ``.pth``/``.pt`` (``torch.load(weights_only=True)``, on the CPU) or ``.safetensors`` file.
 
-    A missing file raises FileNotFoundError; a damaged one, or one holding Python objects that
-    ``weights_only`` refuses, a ValueError naming the file and the fix."""
+    A missing file raises FileNotFoundError; a file that is no checkpoint at all (text, an image, a zip of
+    something else), a damaged one, or one holding Python objects that ``weights_only`` refuses, a ValueError
+    naming the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist or is not a file")
+    kind = not_a_checkpoint(path)
+    if kind is not None:
+        raise ValueError(f"'{path}' is not a checkpoint: it is {kind}; pass a weight file written by torch.save "
+                         f"(.pth / .pt) or a .safetensors file")
 
     def damaged(error: Exception) -> ValueError:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -78,7 +130,7 @@ def load_weights_file(path: str | os.PathLike):
                 f"({first_line}). Only tensors, numbers, strings and plain containers are accepted; if you trust the "
                 f"file, load it once with weights_only=False and re-save just its state dict.") from error
         raise damaged(error) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:  # how torch.load reports damaged files
+    except Exception as error:  # the file is laid out as a checkpoint, so any failure to unpickle it is damage
         raise damaged(error) from error
 
 
