@@ -12,7 +12,9 @@ from benchmarks._timing import CLOCKS, card_slug, configure_cpu, configure_gpu_m
 
 def script_parser(doc: str, robust_cpu_defaults: bool = False) -> argparse.ArgumentParser:
     """A benchmark script's parser: its docstring as the description, and the flags every script shares."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Whole flag names only: a prefix (--quic for --quick) would hide a typo in a script.
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     add_common_arguments(parser, robust_cpu_defaults)
     return parser
 

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
+import sys
 from collections.abc import Sequence
 
 import yaml
 
 from diffkd.data import DATASET_NAMES
 from diffkd.data.recipes import DETECTION_DATASET_NAMES, SEGMENTATION_DATASET_NAMES
+from diffkd.compression import COMPRESSIONS
+from diffkd.losses import FEATURE_DISTANCES
 from diffkd.methods import HEAD_SELECTIONS, LOGIT_DISTANCES, METHODS
+from diffkd.modules import FEATURE_NORMS
 from diffkd.schedule import TIMESTEP_STARTS
 from diffkd.train.errors import UsageError
 from diffkd.train.tasks import TASK_NAMES
@@ -63,18 +68,91 @@ KNOWN_SYNONYMS = {
 }
 
 
+def _parse_number(text: str, kind: type) -> int | float:
+    """``text`` as an int or a finite float, or an argparse error saying what was expected."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = _parse_number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
+def non_negative_int(text: str) -> int:
+    value = _parse_number(text, int)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def seed_value(text: str) -> int:
+    """NumPy's generators take seeds in 0 .. 2**32 - 1."""
+    value = _parse_number(text, int)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 4294967295, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _parse_number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _parse_number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def learning_rate(text: str) -> float:
+    """> 0; an explicit 0 is allowed (a frozen-weights check) and warned about by ``parse_args``."""
+    value = _parse_number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (e.g. 0.05), got {text}")
+    return value
+
+
+def momentum_value(text: str) -> float:
+    value = _parse_number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (e.g. 0.9), got {text}")
+    return value
+
+
+def decay_rate(text: str) -> float:
+    value = _parse_number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"is the factor the LR is multiplied by, in (0, 1] (0.1 divides it by "
+                                         f"10), got {text}")
+    return value
+
+
+def path_text(text: str) -> str:
+    """A file or folder name; an empty one (``--output ""``) would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; pass a file or folder name")
+    return text
+
+
+def experiment_name(text: str) -> str:
+    """One folder name inside --output: it cannot climb out of it or name a path elsewhere."""
+    text = path_text(text)
+    if "/" in text or "\\" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"must be one folder name inside --output, got {text!r}; choose where "
+                                         f"runs go with --output")
+    return text
 
 
 _DURATION_UNITS = {"s": 1, "min": 60, "h": 3600}
@@ -114,7 +192,29 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-class _ConfigParser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+    """Every diffkd command's parser: whole flag names only (argparse's prefix matching would take a misspelt
+    ``--epoch`` for ``--epochs`` and hide the typo) and an error in one line, with the nearest flag for a typo."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}{self._typo_hint(message)} (see {self.prog} --help)\n")
+
+    def _typo_hint(self, message: str) -> str:
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        for token in message.split(":", 1)[1].split():
+            close = difflib.get_close_matches(token.split("=")[0], flags, n=1)
+            if token.startswith("--") and close:
+                return f"; did you mean {close[0]}?"
+        return ""
+
+
+class _ConfigParser(ArgumentParser):
     """Parses the tokens made from a config file; an error names the file and raises instead of exiting."""
 
     config_path = ""
@@ -131,7 +231,7 @@ def _recipe_help(key: str) -> str:
 def build_parser(*, suppress_defaults: bool = False, config_path: str | None = None) -> argparse.ArgumentParser:
     """The command line.  With ``suppress_defaults`` only the flags actually given appear in the result; with
     ``config_path`` the parser checks a config file's tokens and its errors name that file."""
-    parser_class = _ConfigParser if config_path else argparse.ArgumentParser
+    parser_class = _ConfigParser if config_path else ArgumentParser
     parser = parser_class(
         prog="python -m diffkd.train",
         description="Train a student alone (--method none, also for teachers) or distil it from a teacher "
@@ -140,7 +240,8 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
     if config_path:
         parser.config_path = config_path
     add = parser.add_argument
-    add("-c", "--config", help="YAML file of defaults (keys: flag names with underscores); flags given here win")
+    add("-c", "--config", type=path_text,
+        help="YAML file of defaults (keys: flag names with underscores); flags given here win")
 
     group = parser.add_argument_group("task and data")
     group.add_argument("--task", default="classification", choices=TASK_NAMES,
@@ -150,12 +251,16 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
                        help="dataset; also selects the augmentation and the default training recipe. Detection: "
                             "fashion-scenes (scenes of real Fashion-MNIST items) or coco (COCO-format folders); "
                             "segmentation: fashion-scenes or segfolder (images/ and masks/ folders)")
-    group.add_argument("--data-dir", help="dataset folder (Fashion-MNIST defaults to the Debian package's)")
+    group.add_argument("--data-dir", type=path_text,
+                       help="dataset folder (Fashion-MNIST defaults to the Debian package's)")
     group.add_argument("--train-subset", type=positive_int,
                        help="train on a fixed, class-balanced subset of this many training images")
-    group.add_argument("--val-subset", type=positive_int, help="evaluate on a fixed subset of this many images")
-    group.add_argument("--workers", type=int, help="data loader processes (default: 0 for in-memory datasets, "
-                                                   "up to 8 for ImageNet and image folders)")
+    group.add_argument("--val-subset", type=positive_int,
+                       help="evaluate on a fixed subset of this many test images: the same images for every seed "
+                            "and method")
+    group.add_argument("--workers", type=non_negative_int,
+                       help="data loader processes (default: 0 for in-memory datasets, up to 8 for ImageNet and "
+                            "image folders)")
     group.add_argument("--image-size", type=positive_int,
                        help="fashion-scenes: the side of the scenes (default 128); coco: the side detectors "
                             "resize images to (e.g. 800); segfolder: the training crop")
@@ -165,7 +270,7 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
     group = parser.add_argument_group("models")
     group.add_argument("--student", help="student model: a CIFAR zoo name (resnet8x4, wrn_16_2, ...) or a timm name")
     group.add_argument("--teacher", help="teacher model, as --student")
-    group.add_argument("--teacher-ckpt",
+    group.add_argument("--teacher-ckpt", type=path_text,
                        help="teacher weights (the CIFAR benchmark's {'model': ...} format and others; loaded "
                             "strictly), or 'demo' for the teacher the demo trained and cached")
     group.add_argument("--teacher-pretrained", action=argparse.BooleanOptionalAction, default=False,
@@ -185,20 +290,32 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
     group.add_argument("--ce-weight", type=non_negative_float, help="weight of the cross-entropy on the labels")
     group.add_argument("--kd-weight", type=non_negative_float,
                        help="weight of the KD / DIST / MSE term, or of each DiffKD head's KD term")
-    group.add_argument("--kd-temperature", type=float, help="temperature of KL and DIST")
+    group.add_argument("--kd-temperature", type=positive_float, help="temperature of KL and DIST")
     group.add_argument("--dist-beta", type=non_negative_float, help="DIST inter-class weight")
     group.add_argument("--dist-gamma", type=non_negative_float, help="DIST intra-class weight")
     group.add_argument("--diffusion-weight", type=non_negative_float, help="DiffKD diffusion-loss weight")
     group.add_argument("--ae-weight", type=non_negative_float, help="DiffKD autoencoder-loss weight")
     group.add_argument("--heads", choices=tuple(HEAD_SELECTIONS), help="DiffKD heads (default both)")
-    group.add_argument("--ae-channels", type=int,
+    group.add_argument("--ae-channels", type=non_negative_int,
                        help="DiffKD feature-head autoencoder width, 0 for none (default: 0 on CIFAR-100 and "
                             "Fashion-MNIST, 1024 on ImageNet)")
+    group.add_argument("--compression", choices=(*COMPRESSIONS, "none"),
+                       help="DiffKD feature head: how the teacher feature is compressed to --ae-channels: ae (the "
+                            "paper's linear autoencoder), pca (fitted on teacher features of the first training "
+                            "images), random (a fixed random orthogonal projection), none (default: ae when "
+                            "--ae-channels > 0, else none)")
+    group.add_argument("--feature-distance", choices=FEATURE_DISTANCES,
+                       help="DiffKD feature head's KD distance: mse (default, the paper's), cosine or pearson")
     group.add_argument("--nfe", type=positive_int, help="DiffKD denoising steps (default 5)")
     group.add_argument("--anm", action=argparse.BooleanOptionalAction,
                        help="DiffKD adaptive noise matching (default on; --no-anm is the ablation)")
     group.add_argument("--logit-distance", choices=LOGIT_DISTANCES,
                        help="DiffKD logit-head distance: kl, or dist for the paper's DiffKD† (default kl)")
+    group.add_argument("--feature-norm", choices=FEATURE_NORMS,
+                       help="mse and DiffKD feature heads: channel standardises each channel of the (denoised) student "
+                            "and teacher maps before the distance, PKD-style (the diffusion model still learns the raw "
+                            "teacher maps); none is the paper's raw distance (default: channel for detection, none "
+                            "elsewhere)")
     group.add_argument("--timestep-start", choices=TIMESTEP_STARTS,
                        help="DDIM grid: the official code's (default) or the paper's start at t = 500")
     group.add_argument("--backend", choices=BACKENDS,
@@ -211,9 +328,9 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
     group.add_argument("-b", "--batch-size", type=positive_int,
                        help="global batch of one optimizer step, over all processes and accumulation steps "
                             + _recipe_help("batch_size"))
-    group.add_argument("--lr", type=float, help="peak learning rate " + _recipe_help("lr"))
+    group.add_argument("--lr", type=learning_rate, help="peak learning rate " + _recipe_help("lr"))
     group.add_argument("--opt", choices=("sgd", "adamw"), default="sgd", help="optimizer")
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    group.add_argument("--momentum", type=momentum_value, default=0.9, help="SGD momentum")
     group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                        help="Nesterov momentum " + _recipe_help("nesterov"))
     group.add_argument("--weight-decay", type=non_negative_float,
@@ -228,7 +345,7 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
                             "(default: 150 180 210)")
     group.add_argument("--decay-epochs", type=positive_int,
                        help="step: the LR is multiplied by --decay-rate every this many epochs (default: 30)")
-    group.add_argument("--decay-rate", type=float, default=0.1, help="step / multistep: LR factor at each decay")
+    group.add_argument("--decay-rate", type=decay_rate, default=0.1, help="step / multistep: LR factor at each decay")
     group.add_argument("--min-lr", type=non_negative_float, default=0.0, help="cosine: the final LR")
     group.add_argument("--warmup-epochs", type=non_negative_float, default=0.0,
                        help="linear LR warm-up from 0, per step (fractions allowed)")
@@ -250,12 +367,13 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
                             "to eager with a warning if they disagree. auto: on for CUDA runs, off on a CPU")
     group.add_argument("--threads", type=positive_int,
                        help="CPU threads per process (default: $OMP_NUM_THREADS, else every core available)")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=seed_value, default=0,
                        help="initialisation, data order, augmentation and DiffKD noise; same seed, same run")
 
     group = parser.add_argument_group("output")
-    group.add_argument("--output", default="output", help="folder holding the experiment folders")
-    group.add_argument("--experiment", help="experiment folder name (default: <dataset>-<method>-<models>-seed<seed>)")
+    group.add_argument("--output", type=path_text, default="output", help="folder holding the experiment folders")
+    group.add_argument("--experiment", type=experiment_name,
+                       help="experiment folder name inside --output (default: <dataset>-<method>-<models>-seed<seed>)")
     group.add_argument("--resume", nargs="?", const="", metavar="PATH",
                        help="continue a run exactly where it stopped: its experiment folder or checkpoint file "
                             "(alone: <output>/<experiment>); with --demo, a demo folder (alone: the latest)")
@@ -273,7 +391,7 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
     group = parser.add_argument_group("demo (the default when no arguments are given)")
     group.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False,
                        help="teacher, then the student alone and with DiffKD over --demo-seeds, and a table")
-    group.add_argument("--demo-seeds", type=int, nargs="+", help="seeds of the student runs")
+    group.add_argument("--demo-seeds", type=seed_value, nargs="+", help="seeds of the student runs")
     group.add_argument("--demo-teacher-epochs", type=positive_int, help="epochs of the demo's teacher")
     group.add_argument("--demo-teacher-subset", type=positive_int,
                        help="training images of the demo's teacher (default: all)")
@@ -375,18 +493,92 @@ def apply_recipe(args: argparse.Namespace) -> None:
             setattr(args, key, recipe[key])
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, set[str]]:
-    """Recipe defaults, overlaid by the config file, overlaid by the command line; no arguments means --demo."""
+# Settings that do nothing in some configurations: (settings, "does nothing here?", why).  Given on the command line
+# they are refused: the user typed them for this run, so a silent no-op hides a mistake (``--method kd --nfe 3``
+# meant DiffKD).  Set by a config file they are only warned about, and only when they differ from the default:
+# configs, args.yaml included, legitimately spell out one set of values for several methods and optimizers.
+_DIFFKD_SETTINGS = ("diffusion_weight", "ae_weight", "heads", "ae_channels", "nfe", "anm", "logit_distance",
+                    "timestep_start", "backend", "cuda_graph", "kernel_size")
+_NO_EFFECT_RULES = (
+    (("teacher", "teacher_ckpt", "teacher_pretrained", "teacher_feature", "kd_weight"),
+     lambda a: a.method == "none" and not a.demo,
+     lambda a: "--method none trains the student alone, without a teacher; pick a distillation method with "
+               "--method kd|dist|mse|diffkd"),
+    (_DIFFKD_SETTINGS, lambda a: a.method != "diffkd", lambda a: f"it is a DiffKD setting and --method is {a.method}"),
+    (("kd_temperature",), lambda a: a.method in ("none", "mse"),
+     lambda a: f"--method {a.method} compares no class probabilities"),
+    (("dist_beta", "dist_gamma"), lambda a: a.method != "dist" and not (a.method == "diffkd"
+                                                                        and a.logit_distance == "dist"),
+     lambda a: "it weights DIST, which only --method dist and --method diffkd --logit-distance dist use"),
+    (("student_feature", "feature_norm"), lambda a: a.method in ("none", "kd", "dist"),
+     lambda a: f"--method {a.method} distils no feature map (mse and diffkd do)"),
+    (("image_size",), lambda a: a.dataset in DATASET_NAMES,
+     lambda a: f"{a.dataset} images keep their own size; it applies to fashion-scenes, coco and segfolder"),
+    (("num_classes",), lambda a: a.dataset != "segfolder",
+     lambda a: f"{a.dataset} has a fixed set of classes; it applies to --dataset segfolder"),
+    (("fpn_channels", "share_head"), lambda a: a.task != "detection",
+     lambda a: f"it shapes the detectors' FPN and --task is {a.task}"),
+    (("momentum", "nesterov"), lambda a: a.opt != "sgd", lambda a: f"it applies to --opt sgd, not {a.opt}"),
+    (("decay_milestones",), lambda a: a.sched != "multistep",
+     lambda a: f"it applies to --sched multistep and the schedule is {a.sched}"),
+    (("decay_epochs",), lambda a: a.sched != "step", lambda a: f"it applies to --sched step and the schedule is "
+                                                               f"{a.sched}"),
+    (("decay_rate",), lambda a: a.sched not in ("step", "multistep"),
+     lambda a: f"it applies to --sched step / multistep and the schedule is {a.sched}"),
+    (("min_lr",), lambda a: a.sched != "cosine", lambda a: f"it applies to --sched cosine and the schedule is "
+                                                           f"{a.sched}"),
+    (("amp_dtype",), lambda a: not a.amp, lambda a: "mixed precision is off; add --amp"),
+    (("demo_seeds", "demo_teacher_epochs", "demo_teacher_subset"), lambda a: not a.demo,
+     lambda a: "it applies to --demo only"),
+    (("seed",), lambda a: a.demo, lambda a: "the demo's runs take their seeds from --demo-seeds"),
+    (("method",), lambda a: a.demo and a.method != "diffkd",
+     lambda a: "the demo always trains the student alone and with DiffKD"),
+    (("teacher_ckpt",), lambda a: a.demo, lambda a: "the demo trains (or reuses from its cache) its own teacher"),
+)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def check_settings_take_effect(args: argparse.Namespace, command_line: set[str], config: dict[str, object],
+                               defaults: argparse.Namespace) -> list[str]:
+    """Refuses a setting given on the command line that does nothing in this configuration; returns warnings for
+    the ones a config file sets to a value other than the default (see ``_NO_EFFECT_RULES`` for why)."""
+    warnings = []
+    for keys, has_no_effect, why in _NO_EFFECT_RULES:
+        present = [key for key in keys if hasattr(args, key)]
+        if not present or not has_no_effect(args):
+            continue
+        for key in present:
+            if key in command_line:
+                raise UsageError(f"{_flag(key)} has no effect here: {why(args)}. Drop {_flag(key)} (nothing was "
+                                 f"written)")
+            if key in config and getattr(args, key) != getattr(defaults, key, None):
+                warnings.append(f"warning: the config sets {key}, which has no effect here: {why(args)}")
+    if args.lr == 0:  # no recipe sets 0: it was asked for
+        warnings.append("warning: --lr 0: the optimizer will not change any weight (only BatchNorm statistics "
+                        "move); this is a check, not training")
+    return warnings
+
+
+def parse_args(argv: Sequence[str], notes: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """Recipe defaults, overlaid by the config file, overlaid by the command line; no arguments means --demo.
+
+    Warnings (settings a config sets to no effect, ``--lr 0``) go to ``notes`` when given (the caller logs them
+    into the run's log), else to stderr."""
     argv = list(argv) or ["--demo"]
     parser = build_parser()
     parser.parse_args(argv)  # --help (with the defaults shown) and errors in the flags, before the config is read
     given = vars(build_parser(suppress_defaults=True).parse_args(argv))
     explicit = set(given) - set(COMMAND_ONLY)
     config_tokens: list[str] = []
+    config_values: dict[str, object] = {}
     if given.get("config"):
         config_tokens, config_keys = _config_tokens(given["config"], parser)
         explicit |= config_keys
-        build_parser(config_path=given["config"]).parse_args(config_tokens)
+        config_values = vars(build_parser(config_path=given["config"], suppress_defaults=True)
+                             .parse_args(config_tokens))
     args = parser.parse_args(config_tokens + argv)
     if args.demo:
         for key, value in DEMO_DEFAULTS[args.task].items():
@@ -394,4 +586,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, set[str]]:
                 setattr(args, key, value)
     check_task_and_dataset(args.task, args.dataset)
     apply_recipe(args)
+    if args.resume is None:  # a resumed run's settings are its saved ones, checked when it started
+        command_line = set(given) - set(COMMAND_ONLY)
+        from_config = {key: value for key, value in config_values.items() if key not in command_line}
+        warnings = check_settings_take_effect(args, command_line, from_config, build_parser().parse_args([]))
+        if notes is None:
+            for warning in warnings:
+                print(warning, file=sys.stderr, flush=True)
+        else:
+            notes.extend(warnings)
     return args, explicit

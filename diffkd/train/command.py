@@ -25,15 +25,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(message, file=sys.stderr, flush=True)
 
     try:
-        args, explicit = parse_args(argv)
+        warnings: list[str] = []
+        args, explicit = parse_args(argv, warnings)
         if args.demo:
+            for warning in warnings:
+                print(warning, file=sys.stderr, flush=True)
             _, runtime = run_demo(args, explicit, argv)
             return 0
-        checkpoint, notes = None, []
+        checkpoint = None
         if args.resume is not None:
             args, checkpoint, notes = resolve_resume(args, explicit)
         else:
-            notes = resolve_new_run(args)
+            notes = warnings + resolve_new_run(args)
         runtime = setup_runtime(args.device, args.threads)
         for note in notes:
             runtime.log(note)
