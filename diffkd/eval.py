@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from diffkd.train.checkpoint import as_training_checkpoint, export_student, load_file
-from diffkd.train.cli import ALL_DATASETS, HelpFormatter, check_task_and_dataset
+from diffkd.train.cli import (ALL_DATASETS, ArgumentParser, HelpFormatter, check_task_and_dataset, path_text,
+                              positive_int)
 from diffkd.train.cli import parse_args as train_parse_args
 from diffkd.train.errors import UsageError
 from diffkd.train.runtime import Precision, Runtime, setup_runtime
@@ -24,8 +25,8 @@ from diffkd.train.tasks import TASK_NAMES, task_of
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m diffkd.eval", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="python -m diffkd.eval", description=__doc__.splitlines()[0],
+                            formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="last.pth / best.pth of a diffkd run, or a weight file with --model")
     parser.add_argument("--model", help="model name for a plain weight file (training checkpoints name their own)")
     parser.add_argument("--task", choices=TASK_NAMES,
@@ -33,12 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=ALL_DATASETS,
                         help="dataset to test on (default: the run's, or the exported file's; fashion-mnist for "
                              "plain weight files)")
-    parser.add_argument("--data-dir", help="dataset folder (default: the run's, or the dataset's default)")
-    parser.add_argument("-b", "--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--data-dir", type=path_text,
+                        help="dataset folder (default: the run's, or the dataset's default)")
+    parser.add_argument("-b", "--batch-size", type=positive_int, default=256, help="images per forward pass")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: every core available)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: every core available)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
-    parser.add_argument("--export", metavar="FILE", help="write the student alone as {'model': state_dict}")
+    parser.add_argument("--export", type=path_text, metavar="FILE",
+                        help="write the student alone as {'model': state_dict}")
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="only --export, no test pass")
     parser.add_argument("--diagnose", nargs="?", const="", metavar="FOLDER",
                         help="DiffKD runs: also the NFE diagnosis on the test set (diffkd.diagnose: distance to the "
@@ -95,7 +98,11 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
                              f"overwritten)")
         if not export_path.parent.is_dir():
             raise UsageError(f"--export {export_path}: folder {export_path.parent} does not exist")
-        export_student(checkpoint, export_path)
+        try:
+            export_student(checkpoint, export_path)
+        except OSError as error:
+            raise UsageError(f"--export {export_path} could not be written ({error.strerror or error}); choose a "
+                             f"folder you can write to (nothing was written)") from None
         runtime.log(f"exported the student {run_args['student']} (epoch {checkpoint['epoch']}) to {export_path}")
     if args.diagnose is not None and (checkpoint is None or not args.evaluate or runtime.distributed):
         raise UsageError("--diagnose takes the last.pth / best.pth of a DiffKD run, in one process, with the test "
@@ -110,6 +117,8 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
     data = task.build_data(settings, runtime, test_only=True)
     model = task.create_student(settings.student, data.info, str(path), args=settings).to(runtime.device)
     precision = Precision(runtime.device.type, torch.bfloat16 if args.amp else None)
+    runtime.log(f"testing {path} on {data.val_size} {settings.dataset} test images, {args.batch_size} per "
+                f"batch ...")
     metrics = task.evaluate(model, data.val_loader, runtime, precision, channels_last=False)
     epoch = f" (epoch {checkpoint['epoch']})" if checkpoint is not None else ""
     runtime.log(f"{path}{epoch}: {settings.dataset} test {task.describe(metrics)} on {data.val_size} images")
