@@ -11,12 +11,12 @@ import argparse
 from pathlib import Path
 
 from diffkd.cpu_features import cpu_supports_native_bf16
-from diffkd.files import file_sha256
+from diffkd.files import file_sha256, not_a_checkpoint
 from diffkd.train.build import check_cuda_graph, resolve_path
 from diffkd.train.checkpoint import read_checkpoint
 from diffkd.train.cli import apply_recipe, build_parser
 from diffkd.train.errors import UsageError
-from diffkd.train.run_folder import LAST, RunFolder, default_experiment_name
+from diffkd.train.run_folder import ARGS, LAST, RunFolder, default_experiment_name
 from diffkd.train.runtime import default_threads, resolve_device
 
 # Settings that may differ when a run is resumed: they change neither the model nor the data order.
@@ -38,6 +38,9 @@ def resolve_new_run(args: argparse.Namespace) -> list[str]:
     args.data_dir, args.output = resolve_path(args.data_dir), resolve_path(args.output)
     args.teacher_ckpt = resolve_path(args.teacher_ckpt)
     teacher_file = Path(args.teacher_ckpt) if args.teacher_ckpt else None
+    if _teacher_used(args) and teacher_file.is_file() and not_a_checkpoint(teacher_file):
+        raise UsageError(f"--teacher-ckpt {teacher_file} is not a checkpoint: it is {not_a_checkpoint(teacher_file)}; "
+                         f"pass the teacher's weight file (.pth / .pt / .safetensors), or --teacher-ckpt demo")
     args.teacher_ckpt_sha256 = (file_sha256(teacher_file) if _teacher_used(args) and teacher_file.is_file()
                                 else None)
     args.device = resolve_device(args.device)
@@ -52,19 +55,37 @@ def resolve_new_run(args: argparse.Namespace) -> list[str]:
     return notes
 
 
-def _locate(args: argparse.Namespace) -> tuple[RunFolder, Path | None]:
-    """The run folder to resume and the checkpoint file in it (None when the run stopped before its first)."""
+def _latest_run(output: Path) -> RunFolder:
+    """The run folder in ``output`` whose checkpoint (or, before its first one, settings) changed last."""
+    runs = [RunFolder(path.parent) for path in (*output.glob(f"*/{LAST}"), *output.glob(f"*/{ARGS}"))]
+    if not runs:
+        raise UsageError(f"--resume: there is no run in {output}; pass --resume with the experiment folder of the "
+                         f"run to continue (or --output FOLDER where it is)")
+    return max(runs, key=lambda run: (run.last if run.has_checkpoint else run.path / ARGS).stat().st_mtime)
+
+
+def _locate(args: argparse.Namespace, explicit: set[str]) -> tuple[RunFolder, Path | None, list[str]]:
+    """The run folder to resume, the checkpoint file in it (None when the run stopped before its first) and notes:
+    --resume FOLDER or FILE; --resume alone: <output>/<experiment> (the default name when the models are given),
+    else the latest run in --output."""
+    notes = []
     if args.resume:
         given = Path(args.resume)
         if given.is_file():
-            return RunFolder(given.parent), given
+            if given.suffix not in (".pth", ".pt") and (given.parent / ARGS).is_file():
+                raise UsageError(f"--resume {given} is a file inside a run, not its checkpoint; pass the run folder: "
+                                 f"--resume {given.parent}")
+            return RunFolder(given.parent), given, notes
         folder = RunFolder(given)
-    else:
+    elif args.experiment or {"student", *([] if args.method == "none" else ["teacher"])} <= explicit:
         folder = RunFolder(Path(args.output) / (args.experiment or default_experiment_name(args)))
+    else:
+        folder = _latest_run(Path(args.output))
+        notes.append(f"note: --resume without a folder continues the latest run in {args.output}: {folder}")
     if not folder.path.is_dir():
         raise UsageError(f"--resume: there is no run folder {folder}; pass --resume with the experiment folder (or a "
                          f"checkpoint file in it) of the run to continue, or --demo --resume to continue the demo")
-    return folder, folder.last if folder.has_checkpoint else None
+    return folder, folder.last if folder.has_checkpoint else None, notes
 
 
 def _check_teacher(merged: argparse.Namespace, args: argparse.Namespace, explicit: set[str]) -> None:
@@ -93,7 +114,7 @@ def _check_teacher(merged: argparse.Namespace, args: argparse.Namespace, explici
 def resolve_resume(args: argparse.Namespace, explicit: set[str]) -> tuple[argparse.Namespace, dict | None, list[str]]:
     """The saved run's settings, with the adjustable ones given now, its checkpoint (None: start from step 0, for
     a run that stopped before its first checkpoint) and notes for the log."""
-    folder, path = _locate(args)
+    folder, path, notes = _locate(args, explicit)
     checkpoint = read_checkpoint(path) if path is not None else None
     saved = dict(checkpoint["args"]) if checkpoint is not None else folder.saved_args()
     if saved is None:
@@ -122,7 +143,6 @@ def resolve_resume(args: argparse.Namespace, explicit: set[str]) -> tuple[argpar
     for key in set(given) & {*ADJUSTABLE, "epochs"}:
         setattr(merged, key, given[key])
     _check_teacher(merged, args, explicit)
-    notes = []
     if merged.epochs != saved["epochs"]:
         notes.append(f"note: --epochs changed from {saved['epochs']} to {merged.epochs}: the LR schedule is "
                      f"recomputed for the new length")
