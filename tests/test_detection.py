@@ -153,7 +153,7 @@ def test_resnet50_teacher_and_resnet18_student_with_the_papers_detection_heads()
     for name in distiller.bindings:
         head = distiller.heads.get_submodule(name)
         assert isinstance(head, DiffKDHead) and head.kernel_size == 3 and not head.use_ae
-        assert (head.kd_weight, head.diffusion_weight) == (5.0, 1.0)
+        assert (head.kd_weight, head.diffusion_weight, head.feature_norm) == (1.0, 1.0, "channel")
     # a 256-channel spatial head without autoencoder has the parameters of the CIFAR ResNet32x4 feature head
     assert distiller.extra_parameter_count() == 5 * 694_722
     out = distiller(*_scenes())
@@ -189,8 +189,14 @@ def test_detectors_whose_pyramids_or_preprocessing_differ_are_refused(student, t
 
 def test_detection_settings_and_refusals():
     diffkd = method_settings("diffkd", "fashion-scenes", task="detection")
-    assert (diffkd.kd_weight, diffkd.diffusion_weight, diffkd.ae_channels, diffkd.ce_weight) == (5.0, 1.0, 0, 1.0)
-    assert method_settings("mse", "fashion-scenes", task="detection").kd_weight == 1.0
+    assert (diffkd.kd_weight, diffkd.diffusion_weight, diffkd.ae_channels, diffkd.ce_weight) == (1.0, 1.0, 0, 1.0)
+    mse = method_settings("mse", "fashion-scenes", task="detection")
+    assert (diffkd.feature_norm, mse.feature_norm, mse.kd_weight) == ("channel", "channel", 1.0)
+    paper = method_settings("diffkd", "coco", task="detection", feature_norm="none", kd_weight=5.0)
+    assert (paper.feature_norm, paper.kd_weight) == ("none", 5.0)  # the paper's literal setting stays reachable
+    assert method_settings("mse", "fashion-mnist").feature_norm == "none"
+    with pytest.raises(ValueError, match="unknown feature norm 'layer'"):
+        method_settings("mse", "coco", task="detection", feature_norm="layer")
     with pytest.raises(ValueError, match="method 'kd' does not apply to detection"):
         method_settings("kd", "fashion-scenes", task="detection")
     with pytest.raises(ValueError, match="dataset 'cifar100' has no detection targets"):
