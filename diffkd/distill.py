@@ -25,13 +25,15 @@ The contract every Distiller keeps with a training loop:
 - ``forward(images, targets) -> dict``: ``"loss"`` (the tensor to optimise) and a detached 0-dim tensor for every
   named term — the task's (``ce_loss``, or ``task_loss`` for a ``criterion`` of one's own; for detection
   ``detection_loss`` and ``detection/<torchvision's loss name>``) and ``<head>/<term>`` for every head
-  (``kd_loss``, ``diffusion_loss``, ``ae_loss``, ``gamma``, …; per-sample terms as batch means).  Classification adds ``logits`` (the student's, not detached).  Nothing in
-  it synchronises with the host (a detector's own loss code may).
+  (``kd_loss``, ``diffusion_loss``, ``ae_loss``, ``gamma``, …; per-sample terms as batch means).
+  Classification adds ``logits`` (the student's, not detached).  Nothing in it synchronises with the host (a
+  detector's own loss code may).
 - ``.student``, ``.heads`` (an ``nn.ModuleDict``; dotted head names nest: ``heads.fpn.0``, so walk
   ``head_modules()`` rather than ``heads.items()``), ``.teacher`` (not a submodule; kept in eval mode),
   ``.bindings``, ``trainable_parameters()`` (for the optimizer) and ``extra_parameter_count()`` (the heads:
   training-time only).
-- Loss weights come from :func:`diffkd.methods.method_settings` (``task=`` picks the detection or segmentation defaults).
+- Loss weights come from :func:`diffkd.methods.method_settings` (``task=`` picks the detection or segmentation
+  defaults).
 - The student is evaluated apart from the Distiller: classification by its logits, detection with
   :func:`diffkd.models.evaluate_detection` (raw per-image detections for :class:`diffkd.metrics.DetectionEvaluator`),
   segmentation with :func:`diffkd.models.evaluate_segmentation` (a confusion matrix in a

@@ -91,8 +91,9 @@ def _common_size(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> 
 def match_spatial(student_map: torch.Tensor, teacher_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(student map, teacher map) at their common (smaller) size: the larger map is average-pooled (adaptive).
 
-    A DiffKD head stays strict (the paper does not say how maps of different sizes meet), so the distiller pools
-    the larger map down, e.g. a ResNet32x4 teacher's 8×8 map to a ShuffleNet student's 4×4; nothing is upsampled.  Maps of equal size are returned untouched.
+    A DiffKD head stays strict (the paper does not say how maps of different sizes meet), so DiffKDLoss pools
+    the larger map down, e.g. a ResNet32x4 teacher's 8×8 map to a ShuffleNet student's 4×4; nothing is upsampled.
+    Maps of equal size are returned untouched.
     """
     size = _common_size(student_map.shape, teacher_map.shape)
     return tuple(x if tuple(x.shape[2:]) == size else F.adaptive_avg_pool2d(x, size)
