@@ -62,6 +62,14 @@ def _check_lengths(images: Sequence, **per_image: Sequence) -> None:
             raise ValueError(f"{name} has {len(values)} entries for {len(images)} images: give one per image")
 
 
+def top_detections(prediction: Mapping[str, torch.Tensor], top_k: int) -> dict[str, torch.Tensor]:
+    """The `top_k` highest-scoring detections of one image not labelled 0 (the background), best first."""
+    labels, scores = prediction["labels"].detach().cpu(), prediction["scores"].detach().cpu()
+    kept = torch.nonzero(labels > 0).flatten()
+    kept = kept[scores[kept].argsort(descending=True)[:top_k]]
+    return {"boxes": prediction["boxes"].detach().cpu()[kept], "labels": labels[kept], "scores": scores[kept]}
+
+
 def draw_detections(images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]],
                     predictions: Mapping[str, Sequence[Mapping[str, torch.Tensor]]], path: str | Path,
                     classes: Sequence[str], *, top_k: int = 5, mean: Sequence[float] | None = None,
@@ -81,12 +89,14 @@ def draw_detections(images: Sequence[torch.Tensor], targets: Sequence[Mapping[st
             axis = axes[row, column]
             axis.imshow(_displayable(image, mean, std))
             found = per_image[row]
+            if "scores" in found:  # a prediction: its top_k foreground detections, best first
+                found = top_detections(found, top_k)
             boxes, labels = found["boxes"].detach().cpu(), found["labels"].detach().cpu()
             scores = found["scores"].detach().cpu() if "scores" in found else None
-            if scores is not None:  # a prediction: its top_k foreground detections, best first
-                kept = torch.nonzero(labels > 0).flatten()
-                kept = kept[scores[kept].argsort(descending=True)[:top_k]]
-                boxes, labels, scores = boxes[kept], labels[kept], scores[kept]
+            if scores is not None:
+                if not len(scores):  # say so: the model returned no box (all under its own score threshold)
+                    axis.text(0.5, 0.5, "no detection", transform=axis.transAxes, ha="center", va="center",
+                              fontsize=8, color="black", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
             for i, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
                 colour = colours[label % len(colours)] if label else _IGNORE_COLOUR
                 # Pixel-edge boxes: pixel c's centre is at c + 0.5, so its left edge is drawn at c - 0.5.

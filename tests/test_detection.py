@@ -279,3 +279,21 @@ def test_channel_feature_norm_of_the_mse_baseline_is_pkds_standardised_distance(
 
     expected = (standardised(projected) - standardised(teacher)).pow(2).mean()
     assert head(student, teacher * 50 - 2)["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_predictions_are_drawn_at_each_images_top_k_foreground_detections(tmp_path):
+    from diffkd.plots_dense import draw_detections, top_detections
+    prediction = {"boxes": torch.arange(16.0).view(4, 4), "scores": torch.tensor([0.2, 0.9, 0.95, 0.4]),
+                  "labels": torch.tensor([1, 2, 0, 3])}
+    best = top_detections(prediction, 2)
+    assert best["labels"].tolist() == [2, 3] and best["scores"].tolist() == pytest.approx([0.9, 0.4])
+    assert torch.equal(best["boxes"], prediction["boxes"][[1, 3]])
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    assert len(top_detections(empty, 5)["scores"]) == 0
+    images = [torch.rand(3, 24, 32), torch.rand(3, 32, 20)]  # sizes differ: each panel shows its own image
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 10.0, 10.0]]), "labels": torch.tensor([1])}] * 2
+    path = draw_detections(images, targets, {"student": [prediction, empty]}, tmp_path / "d.png",
+                           ("background", "a", "b", "c"), top_k=2)
+    assert path.is_file()
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        draw_detections(images, targets, {"student": [prediction, empty]}, tmp_path / "d.png", ("bg", "a"), top_k=0)
