@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import kernels
+from diffkd.compression import FIT_IMAGES, fit_compressions
 from diffkd.data import build_datasets, build_loader, subset
 from diffkd.distill import Distiller, build_distiller
 from diffkd.methods import SETTING_NAMES, method_settings
@@ -48,6 +49,10 @@ def micro_batch_size(args: argparse.Namespace, runtime: Runtime) -> int:
     return args.batch_size // per_step
 
 
+# The seed that picks --val-subset's images (not the run's --seed).
+VAL_SUBSET_SEED = 0
+
+
 def build_data(args: argparse.Namespace, runtime: Runtime, *, test_only: bool = False) -> Data:
     """The loaders of a classification run (``test_only``: the test loader alone, for evaluation)."""
     return load_data(args, runtime, lambda: build_datasets(args.dataset, args.data_dir, augment_seed=args.seed),
@@ -65,7 +70,8 @@ def load_data(args: argparse.Namespace, runtime: Runtime, datasets: Callable[[],
         if subsets and args.train_subset:
             train_ds = subset(train_ds, min(args.train_subset, len(train_ds)), seed=args.seed)
         if subsets and args.val_subset:
-            val_ds = subset(val_ds, min(args.val_subset, len(val_ds)), seed=args.seed)
+            # One fixed test subset per dataset, whatever the run's seed or method: runs stay comparable.
+            val_ds = subset(val_ds, min(args.val_subset, len(val_ds)), seed=VAL_SUBSET_SEED)
         workers = args.workers if args.workers is not None else (0 if in_memory else min(8, os.cpu_count() or 1))
         train_loader = None if test_only else build_loader(train_ds, micro_batch, train=True, num_workers=workers,
                                                            distributed=runtime.distributed, seed=args.seed,
@@ -136,9 +142,23 @@ def build_model(args: argparse.Namespace, info: dict, runtime: Runtime) -> Disti
                                     input_size=input_size, log=runtime.log)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if settings.compression in ("pca", "random"):
+        fit_head_compressions(distiller, args, runtime)
     for name in SETTING_NAMES:  # record the resolved method settings
         setattr(args, name, getattr(settings, name))
     return distiller
+
+
+def fit_head_compressions(distiller: Distiller, args: argparse.Namespace, runtime: Runtime) -> None:
+    """Fits a fixed (pca / random) compression of the teacher feature on the first FIT_IMAGES training images of
+    the run (its --train-subset, without augmentation), before the first step.  A resumed run's checkpoint then
+    replaces the fit with the one it was trained with."""
+    train_ds, _, _ = build_datasets(args.dataset, args.data_dir, train_transform=False)
+    if args.train_subset:
+        train_ds = subset(train_ds, min(args.train_subset, len(train_ds)), seed=args.seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=False)
+    used = fit_compressions(distiller, loader, images=FIT_IMAGES)
+    runtime.log(f"fitted the {args.compression} compression of the teacher feature on {used} training images")
 
 
 def check_cuda_graph(mode: str, device_type: str) -> None:
