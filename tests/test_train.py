@@ -286,7 +286,7 @@ def test_the_demo_runs_end_to_end_on_real_data_with_a_step_cap(tmp_path, capsys,
         assert label in table
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
         "comparison.png", "demo.yaml", "diffkd-seed0", "diffkd-seed1", "none-seed0", "none-seed1", "results.txt",
-        "teacher"]
+        "teacher", "wall_times.txt"]
     assert "runs stopped by --max-steps: smoke numbers" in table
     # a second demo reuses the cached teacher
     code, out, err = run_cli(train, [*argv[:-1], "demo2"], capsys)

@@ -91,6 +91,8 @@ def test_interrupted_anywhere_and_resumed_the_run_is_bit_identical(data_dir, tea
         assert code == 130, err
         assert message in err and f"continue with: python -m diffkd.train --resume {folder}" in err, err
         assert "Traceback" not in err
+        last_logged = (folder / "log.txt").read_text().strip().splitlines()[-1]
+        assert ("interrupted at once" in last_logged) == where.get("hard", False), last_logged
     code, out, err = run_cli(train, resume, capsys)
     assert code == 0, err
     assert_same_run(tmp_path / "straight", folder)
@@ -241,6 +243,19 @@ def test_the_demo_resumes_skipping_finished_runs(data_dir, tmp_path, capsys, mon
     assert "smoke numbers" not in (folder / "results.txt").read_text()
     code, out, err = run_cli(train, ["--demo", "--resume", folder], capsys)
     assert code == 0 and out.count("finished earlier, skipped") == 2, out  # the teacher comes from the cache
+    # the table's wall time sums every invocation, the interrupted one included
+    assert len((folder / "wall_times.txt").read_text().split()) == 4 and " s over 4 invocations; " in out
     code, out, err = run_cli(diffkd_eval, [folder / "none-seed0" / "last.pth", "--export", tmp_path / "s.pth",
                                            "--no-eval"], capsys)
     assert code == 0, err
+
+
+def test_resume_alone_continues_the_latest_run_by_its_folder_name(data_dir, tmp_path, capsys):
+    for name in ("older", "newer"):
+        argv = common(data_dir, tmp_path, **{"--method": "none", "--experiment": name, "--max-steps": 1})
+        assert run_cli(train, argv, capsys)[0] == 0
+    code, out, err = run_cli(train, ["--resume", "--output", tmp_path, "--max-steps", 1], capsys)
+    assert code == 0, err
+    assert f"continues the latest run in {tmp_path}: {tmp_path / 'newer'}" in out and "None" not in out
+    assert "resumed at" in (tmp_path / "newer" / "log.txt").read_text()
+    assert "resumed at" not in (tmp_path / "older" / "log.txt").read_text()

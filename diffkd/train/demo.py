@@ -36,6 +36,8 @@ DEMO_LABELS = {"classification": ("Fashion-MNIST demo", "test top-1 (%)", "image
                "detection": ("Fashion-scenes detection demo", "test box mAP@[.5:.95] (%)", "scenes"),
                "segmentation": ("Fashion-scenes segmentation demo", "test mIoU (%)", "scenes")}
 DEMO_SETTINGS = "demo.yaml"
+# One line per invocation of the demo (the first and every --demo --resume): its wall-clock seconds.
+WALL_TIMES = "wall_times.txt"
 # Settings that shape the demo's teacher: its cache key.
 TEACHER_RECIPE = ("dataset", "student", "epochs", "train_subset", "batch_size", "lr", "opt", "momentum", "nesterov",
                   "weight_decay", "sched", "warmup_epochs", "min_lr", "seed", "max_steps", "amp")
@@ -128,16 +130,36 @@ def _latest_demo(output: Path) -> Path:
     return demos[-1]
 
 
-def _demo_folder_and_settings(args: argparse.Namespace, explicit: set[str]) -> tuple[Path, argparse.Namespace]:
+def _claim_new_demo_folder(output: Path) -> Path:
+    """A new folder ``demo-<date>-<time>`` in ``output``, created here so that it is this demo's alone: a second
+    demo started in the same second (``mkdir`` fails for it) takes ``...-2``, ``...-3``."""
+    stamp = f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    output.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        folder = output / (stamp if number == 1 else f"{stamp}-{number}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+
+
+def _demo_folder_and_settings(args: argparse.Namespace, explicit: set[str]) -> tuple[Path | None,
+                                                                                     argparse.Namespace]:
+    """The demo's folder (None: a new one, claimed once the runtime is up) and its settings."""
     if args.resume is None:
         for note in resolve_new_run(args):
             print(note, flush=True)
-        folder = Path(args.output) / (args.experiment or f"demo-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        RunFolder(folder).check_usable(resume=False)
-        if (folder / DEMO_SETTINGS).exists():
-            raise UsageError(f"{folder} already holds a demo; continue it with --demo --resume {folder}, or pass "
-                             f"--experiment NAME for a new one (nothing was overwritten)")
-        return folder, args
+        if args.experiment:
+            folder = Path(args.output) / args.experiment
+            RunFolder(folder).check_usable(resume=False)
+            if (folder / DEMO_SETTINGS).exists():
+                raise UsageError(f"{folder} already holds a demo; continue it with --demo --resume {folder}, or pass "
+                                 f"--experiment NAME for a new one (nothing was overwritten)")
+            return folder, args
+        RunFolder(Path(args.output)).check_usable(resume=True)  # --output naming a file: before anything is written
+        return None, args
     folder = Path(args.resume) if args.resume else _latest_demo(Path(args.output))
     settings_file = folder / DEMO_SETTINGS
     if not settings_file.is_file():
@@ -163,12 +185,30 @@ def run_demo(args: argparse.Namespace, explicit: set[str], argv: Sequence[str]) 
     started = time.perf_counter()
     folder, args = _demo_folder_and_settings(args, explicit)
     runtime = setup_runtime(args.device, args.threads)
+    if folder is None:
+        folder = runtime.broadcast_from_main(_claim_new_demo_folder(Path(args.output)) if runtime.is_main else None)
     resume_command = f"python -m diffkd.train --demo --resume {folder}"
     runtime.current_status = lambda: f"every finished run of the demo is kept; continue with: {resume_command}"
     if runtime.is_main and not (folder / DEMO_SETTINGS).exists():
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomically(folder / DEMO_SETTINGS, yaml.safe_dump(stored_args(args), sort_keys=False))
     runtime.barrier()
+    try:
+        return _run_demo_in(folder, args, runtime, argv, resume_command, started), runtime
+    finally:
+        if runtime.is_main:  # also when stopped or failed: a resumed demo's table sums every invocation
+            with open(folder / WALL_TIMES, "a") as file:
+                file.write(f"{time.perf_counter() - started:.1f}\n")
+
+
+def _earlier_wall_times(folder: Path) -> list[float]:
+    path = folder / WALL_TIMES
+    return [float(line) for line in path.read_text().split()] if path.is_file() else []
+
+
+def _run_demo_in(folder: Path, args: argparse.Namespace, runtime: Runtime, argv: Sequence[str],
+                 resume_command: str, started: float) -> str:
+    """The demo's runs in its folder, then its table and comparison chart."""
     teacher_ckpt, reused = _demo_teacher(args, folder, runtime, argv, resume_command)
     results: dict[str, list[RunResult]] = {"none": [], "diffkd": []}
     for seed in args.demo_seeds:
@@ -180,7 +220,8 @@ def run_demo(args: argparse.Namespace, explicit: set[str], argv: Sequence[str]) 
                                  **teacher)
             resolve_new_run(run_args)
             results_of_method.append(_sub_run(run_args, runtime, argv, resume_command, label))
-    table = _table(args, results, reused, folder, time.perf_counter() - started)
+    wall_times = [*_earlier_wall_times(folder), time.perf_counter() - started]
+    table = _table(args, results, reused, folder, wall_times)
     runtime.log(table)
     if runtime.is_main:
         write_text_atomically(folder / "results.txt", table + "\n")
@@ -188,17 +229,20 @@ def run_demo(args: argparse.Namespace, explicit: set[str], argv: Sequence[str]) 
         plot_demo_comparison({"alone": [(seed, r.last) for seed, r in zip(args.demo_seeds, results["none"])],
                               "with DiffKD": [(seed, r.last) for seed, r in zip(args.demo_seeds,
                                                                                       results["diffkd"])]},
-                             folder / "comparison.png", title=f"{folder.name}: {args.student} on {args.dataset}",
-                             ylabel=DEMO_LABELS[args.task][1])
-    return table, runtime
+                             folder / "comparison.png",
+                             title=f"{folder.name}: {args.student} on {args.dataset}, alone and distilled by DiffKD "
+                                   f"from teacher {args.teacher}",
+                             ylabel=DEMO_LABELS[args.task][1], teacher=(args.teacher, results["diffkd"][0].teacher))
+    return table
 
 
 def _table(args: argparse.Namespace, results: dict[str, list[RunResult]], reused: bool, folder: Path,
-           wall_s: float) -> str:
+           wall_times: list[float]) -> str:
     alone = [r.last for r in results["none"]]
     distilled = [r.last for r in results["diffkd"]]
     capped = not all(r.finished for runs in results.values() for r in runs)
-    minutes, seconds = divmod(round(wall_s), 60)
+    minutes, seconds = divmod(round(sum(wall_times)), 60)
+    invocations = f" over {len(wall_times)} invocations" if len(wall_times) > 1 else ""
     title, metric, images = DEMO_LABELS[args.task]
     lines = [
         f"{title}: {metric} after the last epoch, on {results['none'][0].test_images} test {images}"
@@ -210,6 +254,7 @@ def _table(args: argparse.Namespace, results: dict[str, list[RunResult]], reused
         f"    alone        {_mean_spread(alone):>13}   per seed: {', '.join(f'{v:.2f}' for v in alone)}",
         f"    with DiffKD  {_mean_spread(distilled):>13}   per seed: {', '.join(f'{v:.2f}' for v in distilled)}",
         f"    difference   {statistics.mean(distilled) - statistics.mean(alone):>+13.2f}",
-        f"  wall time {minutes} min {seconds:02d} s; every run's log, summary.csv and plots are in {folder}",
+        f"  wall time {minutes} min {seconds:02d} s{invocations}; every run's log, summary.csv and plots are in "
+        f"{folder}",
     ]
     return "\n".join(lines)

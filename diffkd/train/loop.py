@@ -25,7 +25,7 @@ from diffkd.train.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, capt
 from diffkd.train.cli import interval_seconds_or_steps
 from diffkd.train.errors import RunInterrupted, UsageError
 from diffkd.train.guard import DivergenceGuard
-from diffkd.train.run_folder import RunFolder, stored_args
+from diffkd.train.run_folder import RunFolder, run_title, stored_args
 from diffkd.train.runtime import Precision, Runtime, StopRequest, environment_report
 from diffkd.train.tasks import EvaluationInterrupted, task_of
 from diffkd.files import save_atomically
@@ -338,8 +338,7 @@ class Trainer:
 
     @property
     def title(self) -> str:
-        models = self.args.student if self.args.method == "none" else f"{self.args.teacher} → {self.args.student}"
-        return f"{self.folder.path.name}: {self.args.method}, {models}, seed {self.args.seed}"
+        return run_title(self.args, self.folder.path.name)
 
     def fit(self) -> RunResult:
         args, runtime = self.args, self.runtime
@@ -369,7 +368,9 @@ class Trainer:
         and the teacher's."""
         if not (self.runtime.is_main and hasattr(self.task, "draw")):
             return
-        models = {"student": self.model.student}
+        # A model trained alone (a teacher, say) is no student: its column is named by its architecture.
+        models = {"student" if self.model.teacher is not None else f"{self.args.student} (trained alone)":
+                  self.model.student}
         if self.model.teacher is not None:
             models = {"teacher": self.model.teacher, **models}
         self.task.draw(models, self.data.val_loader.dataset, self.data.info, self.runtime.device,

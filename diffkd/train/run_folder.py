@@ -26,6 +26,13 @@ def default_experiment_name(args: argparse.Namespace) -> str:
     return f"{args.dataset}-{args.method}-{models}-seed{args.seed}".replace("/", "_")
 
 
+def run_title(args: argparse.Namespace, folder_name: str) -> str:
+    """The title of a run's plots: what was trained, how, with which seed ("none" is no method to show)."""
+    if args.method == "none":
+        return f"{folder_name}: {args.student} trained alone, seed {args.seed}"
+    return f"{folder_name}: {args.student} distilled from {args.teacher} by {args.method}, seed {args.seed}"
+
+
 def stored_args(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in NOT_STORED}
 

@@ -62,6 +62,13 @@ def run(args: argparse.Namespace, runtime: Runtime, argv: Sequence[str], checkpo
             return trainer.fit()
     except RunInterrupted as interrupted:
         raise RunInterrupted(str(interrupted), resume_command) from None
+    except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM): stopped at once, without a checkpoint of its own
+        if runtime.log_path is not None and runtime.is_main:
+            with open(runtime.log_path, "a") as file:
+                signal = f"a second {stop.reason}" if stop.requested else "Ctrl-C"
+                file.write(f"interrupted at once by {signal}: the steps since the last checkpoint are lost; "
+                           f"{folder_status(folder, resume_command)}\n")
+        raise
     except UsageError:
         raise
     except (OSError, ValueError, torch.OutOfMemoryError) as error:

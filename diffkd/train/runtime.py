@@ -63,6 +63,14 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def broadcast_from_main(self, value):
+        """The main process's ``value`` on every process (a collective: every process must call it)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(tensor)
