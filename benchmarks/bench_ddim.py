@@ -16,7 +16,9 @@ reported as GB/s and as a fraction of the copy bandwidth measured in the same ru
 feature shapes.
 
     python benchmarks/bench_ddim.py --quick           # tiny shapes, under 30 s on a 2-core CPU (no torch.compile)
-    python benchmarks/bench_ddim.py                   # CPU: a reduced matrix, fp32; torch.compile takes minutes
+    python benchmarks/bench_ddim.py                   # CPU: a reduced matrix, fp32, no torch.compile: ~2 min
+                                                      #   (it prints what it left out and the flag that adds it)
+    python benchmarks/bench_ddim.py --compile         # CPU: adds torch.compile on one shape (minutes to compile)
     python benchmarks/bench_ddim.py --full --dtypes fp32,bf16 --json benchmarks/results/   # the whole matrix
     python benchmarks/bench_ddim.py --shapes feature-1024-7-32,logit-1000-256 --providers eager,triton
 Shape syntax: feature-C-SIDE-B (a C×SIDE×SIDE map, batch B) or logit-K-B.  On a CPU it times with one thread and
@@ -308,9 +310,10 @@ def _single_provider(section: dict, what: str, provider: str) -> None:
 def run_chain_benchmark(results: Results, device, *, shapes, dtypes=("fp32",), modes=MODES, providers=PROVIDERS,
                         plan: TimingPlan = TimingPlan(), deadline: float | None = None, compile_reserve_s: float = 0,
                         section_name: str = "chain", left_out: Mapping[str, str] | None = None,
-                        live: bool = False) -> dict:
-    """The chain section; ``left_out`` maps providers left out on purpose to why; ``live`` prints the section while
-    it is measured (rows as they come)."""
+                        compile_shapes: int | None = None, live: bool = False) -> dict:
+    """The chain section; ``left_out`` maps providers left out on purpose to why; ``compile_shapes`` limits
+    torch.compile to the first shapes (None: all); ``live`` prints the section while it is measured (rows as they
+    come)."""
     section = results.section(section_name)
     printer = LivePrinter(section_name, section, enabled=live)
     for provider, why in (left_out or {}).items():
@@ -335,8 +338,13 @@ def run_chain_benchmark(results: Results, device, *, shapes, dtypes=("fp32",), m
         if time_left(deadline) <= 0:
             Results.skip(section, f"{shape.name} {dtype_name}", "deadline reached")
             continue
+        compiled_here = compile_shapes is None or shape_text in shapes[:compile_shapes]
+        if "compile" in providers and not compiled_here:
+            Results.skip(section, f"{shape.name} {dtype_name} / compile", f"torch.compile runs on the first "
+                         f"{compile_shapes} shape(s) only here (minutes of compiling per shape)")
+        case_providers = [p for p in providers if compiled_here or p != "compile"]
         try:
-            bench_chain_case(results, section, shape, dtype_name, device, providers=providers, modes=modes,
+            bench_chain_case(results, section, shape, dtype_name, device, providers=case_providers, modes=modes,
                              plan=plan, deadline=deadline, compile_reserve_s=compile_reserve_s, live=printer)
         except Exception as exc:  # e.g. out of memory at one shape: the next shape still runs
             Results.error(section, f"{shape.name} {dtype_name}", exc)
@@ -483,8 +491,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16 (default fp32)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: fwd, fwdbwd")
     parser.add_argument("--providers", default=None,
-                        help=f"from: {', '.join(PROVIDERS)} (default: all; --quick leaves out compile)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds on the CPU (default 7)")
+                        help=f"from: {', '.join(PROVIDERS)} (default: all on a GPU; on a CPU and with --quick "
+                             f"all but compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="on a CPU or with --quick: also time torch.compile, on the first shape only (compiling "
+                             "takes minutes per shape on a CPU); a GPU run without --quick times it on every shape")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds on the CPU (default 5: the no-flag CPU run stays near 2 min)")
     parser.add_argument("--sweep-mb", default=None,
                         help="comma-separated sizes in MB per tensor for the step-kernel sweep "
                              f"(default {','.join(map(str, SWEEP_MB))} on a CPU, up to 1024 on a GPU)")
@@ -503,13 +516,17 @@ def main(argv=None) -> int:
         [ChainShape.parse(s) for s in shapes]
         dtypes = _choices(args.dtypes, DTYPES, "--dtypes")
         modes = _choices(args.modes, MODES, "--modes")
+        compile_shapes = None
         if args.providers is not None:
             providers = _choices(args.providers, PROVIDERS, "--providers")
-        elif args.quick:
-            providers = tuple(p for p in PROVIDERS if p != "compile")
-            left_out["compile"] = "left out of --quick (torch.compile takes minutes on a CPU; --providers to add it)"
-        else:
+        elif gpu and not args.quick:
             providers = PROVIDERS
+        elif args.compile:
+            providers, compile_shapes = PROVIDERS, 1
+        else:
+            providers = tuple(p for p in PROVIDERS if p != "compile")
+            left_out["compile"] = (f"left out {'of --quick' if args.quick else 'on a CPU'}, where torch.compile takes "
+                                   f"minutes per shape: add --compile to time it on {shapes[0]}")
         sizes = tuple(int(v) for v in args.sweep_mb.split(",")) if args.sweep_mb else (
             QUICK_SWEEP_MB if args.quick else GPU_SWEEP_MB if gpu else SWEEP_MB)
     except ValueError as exc:
@@ -519,16 +536,33 @@ def main(argv=None) -> int:
     failed = False
     if not args.no_chain:
         section = run_chain_benchmark(results, device, shapes=shapes, dtypes=dtypes, modes=modes,
-                                      providers=providers, plan=plan, left_out=left_out, live=True)
+                                      providers=providers, plan=plan, left_out=left_out,
+                                      compile_shapes=compile_shapes, live=True)
         failed |= bool(section["errors"])
     if not args.no_sweep:
         real_shapes = ((4, 16, 4),) if args.quick else REAL_STEP_SHAPES
         section = run_step_kernel_benchmark(results, device, sizes_mb=sizes, real_shapes=real_shapes, dtypes=dtypes,
                                             plan=plan, live=True)
         failed |= bool(section["errors"])
+    _print_left_out(args, shapes, dtypes, left_out, gpu)
     if results.path is not None:
         print(f"\nresults: {results.path} and {results.path.with_suffix('.md')}")
     return 1 if failed else 0
+
+
+def _print_left_out(args, shapes, dtypes, left_out: Mapping[str, str], gpu: bool) -> None:
+    """What this run did not measure, and the flag that adds it."""
+    lines = [f"torch.compile: {why}" for provider, why in left_out.items() if provider == "compile"]
+    if not (args.full or args.shapes or gpu):
+        lines.append(f"{len(FULL_SHAPES) - len(shapes)} of the {len(FULL_SHAPES)} shapes of the full matrix: add "
+                     f"--full (or --shapes ...)")
+    if "bf16" not in dtypes:
+        lines.append("bfloat16: add --dtypes fp32,bf16")
+    if args.no_chain or args.no_sweep:
+        lines.append(f"the {'chain' if args.no_chain else 'step-kernel'} section: drop --no-"
+                     f"{'chain' if args.no_chain else 'sweep'}")
+    if lines:
+        print("\nleft out of this run:\n" + "\n".join(f"- {line}" for line in lines), flush=True)
 
 
 def _choices(text: str, known, flag: str) -> tuple[str, ...]:
