@@ -1,4 +1,4 @@
-"""Distillation losses as plain functions: KL-KD, DIST and MSE.
+"""Distillation losses as plain functions: KL-KD, DIST, MSE, and the cosine and Pearson distances of features.
 
 Inputs are B×K logits or B×C×H×W maps; a map is treated as B·H·W rows of C classes (softmax over channels,
 as for a segmentation score map).  Every loss is computed in at least float32, so it stays finite under autocast.
@@ -67,4 +67,22 @@ def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(_at_least_fp32(student), _at_least_fp32(teacher))
 
 
-DISTANCES = {"mse": mse_loss, "kl": kl_div_loss, "dist": dist_loss}
+def cosine_distance(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """1 − cosine similarity of each row (a B×K vector, or a map's channel vector at each position), averaged.
+
+    Scale-free: it compares the directions of the features, not their magnitudes.  ``temperature`` is accepted so
+    that every entry of DISTANCES takes the same arguments, and is not used."""
+    _check_pair("cosine_distance", student, teacher)
+    return 1 - F.cosine_similarity(_rows(student), _rows(teacher), dim=1, eps=1e-8).mean()
+
+
+def pearson_distance(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """1 − Pearson correlation of each row (over its channels), averaged: the cosine distance of the rows after
+    removing each row's mean, so invariant to a per-row shift and scale.  ``temperature`` is not used."""
+    _check_pair("pearson_distance", student, teacher)
+    return 1 - _pearson_rows(_rows(student), _rows(teacher)).mean()
+
+
+DISTANCES = {"mse": mse_loss, "kl": kl_div_loss, "dist": dist_loss, "cosine": cosine_distance,
+             "pearson": pearson_distance}
+FEATURE_DISTANCES = ("mse", "cosine", "pearson")  # the ones that compare feature maps (kl and dist compare classes)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from diffkd.compression import COMPRESSIONS, FixedCompression
 from diffkd.losses import DISTANCES
 from diffkd.schedule import TIMESTEP_STARTS, DDIMSchedule
 
@@ -172,10 +173,14 @@ class DiffKDHead(nn.Module):
     teacher's raw activations (a trained detector's FPN maps have mean squares up to ~100).  The diffusion model
     and the autoencoder still learn on the teacher's own, unnormalised distribution, and the diagnostics compare
     raw features.  ``"none"`` (default) is the paper's distance on raw features.
+
+    With ``use_ae`` the teacher feature is compressed to ``ae_channels``: ``compression="ae"`` (default) is the
+    paper's linear autoencoder, learned beside the head; ``"pca"`` and ``"random"`` are fixed projections
+    (:mod:`diffkd.compression`) fitted once before training with ``diffkd.compression.fit_compressions``.
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, *, kernel_size: int = 3, use_ae: bool = False,
-                 ae_channels: int | None = None, inference_steps: int = 5, timestep_start: str = "official",
+                 ae_channels: int | None = None, compression: str = "ae", inference_steps: int = 5, timestep_start: str = "official",
                  use_anm: bool = True, distance: str = "mse", temperature: float = 1.0, kd_weight: float = 1.0,
                  diffusion_weight: float = 1.0, ae_weight: float = 1.0, backend: str = "auto",
                  check_finite: bool = False, channels_last: bool = True, num_train_timesteps: int = 1000,
@@ -212,12 +217,18 @@ class DiffKDHead(nn.Module):
         self.chain_timesteps = tuple(self.schedule.timesteps(inference_steps, timestep_start).tolist())
         self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod.clone(), persistent=False)
 
-        self.use_ae = use_ae
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
+        if compression != "ae" and not use_ae:
+            raise ValueError(f"compression={compression!r} compresses the teacher feature: pass use_ae=True and "
+                             f"ae_channels (the latent width)")
+        self.use_ae, self.compression = use_ae, compression if use_ae else "none"
         if use_ae:
             ae_channels = teacher_channels // 2 if ae_channels is None else ae_channels
             if not isinstance(ae_channels, int) or ae_channels < 1:
                 raise ValueError(f"ae_channels must be a positive integer, got {ae_channels!r}")
-            self.ae = LinearAutoencoder(teacher_channels, ae_channels, backend)
+            self.ae = (LinearAutoencoder(teacher_channels, ae_channels, backend) if compression == "ae"
+                       else FixedCompression(teacher_channels, ae_channels, compression))
             width = ae_channels
         elif ae_channels is not None:
             raise ValueError(f"ae_channels={ae_channels} was given but use_ae=False; pass use_ae=True to use it")
@@ -234,7 +245,7 @@ class DiffKDHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, "
-                f"width={self.width}, kernel_size={self.kernel_size}, use_ae={self.use_ae}, "
+                f"width={self.width}, kernel_size={self.kernel_size}, compression={self.compression!r}, "
                 f"inference_steps={self.inference_steps}, timesteps={list(self.chain_timesteps)}, "
                 f"use_anm={self.use_anm}, distance={self.distance!r}, backend={self.backend!r}")
 
@@ -348,7 +359,8 @@ class DiffKDHead(nn.Module):
         z_s = self.trans(s_map)
         if self.use_ae:
             latent, reconstruction = self.ae(t_map.detach())
-            ae_loss = kernels.squared_error_mean(reconstruction, t_map.detach(), backend=self.backend)
+            ae_loss = (kernels.squared_error_mean(reconstruction, t_map.detach(), backend=self.backend)
+                       if reconstruction is not None else z_s.new_zeros((), dtype=torch.float32))  # fixed: no decoder
             z_t = latent.detach()  # diffusion data and KD target; the AE learns from its own loss only
         else:
             ae_loss = z_s.new_zeros((), dtype=torch.float32)

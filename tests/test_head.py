@@ -395,3 +395,96 @@ def test_denoise_refuses_a_bad_number_of_steps():
     head = DiffKDHead(4, 8)
     with pytest.raises(ValueError, match=r"inference_steps must be an integer in 1\.\.500"):
         head.denoise(torch.randn(2, 8, 3, 3), 0)
+
+
+# ---- compressions of the teacher feature and feature distances (--compression, --feature-distance) ------------
+class _HeadOnPairs(torch.nn.Module):
+    """Calls a head as a Distiller would: model(student feature, teacher feature)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, student, teacher):
+        return self.head(student, teacher)
+
+
+def _low_rank_teacher(batches=4, channels=16, rank=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(channels, rank, generator=generator)).Q  # channels × rank, orthonormal
+    offset = torch.randn(channels, generator=generator)
+    maps = []
+    for _ in range(batches):
+        codes = 3 * torch.randn(8, 4, 4, rank, generator=generator)
+        noise = 0.01 * torch.randn(8, 4, 4, channels, generator=generator)
+        maps.append((codes @ basis.T + noise + offset).permute(0, 3, 1, 2).contiguous())
+    return maps, basis, offset
+
+
+def test_pca_compression_finds_the_teacher_features_principal_subspace():
+    from diffkd.compression import fit_compressions
+
+    teacher_maps, basis, offset = _low_rank_teacher()
+    head = DiffKDHead(8, 16, kernel_size=1, use_ae=True, ae_channels=3, compression="pca", inference_steps=1)
+    batches = [(torch.randn(8, 8, 4, 4), t) for t in teacher_maps]
+    with pytest.raises(RuntimeError, match="fit_compressions"):
+        head(*batches[0])
+    assert fit_compressions(_HeadOnPairs(head), batches, images=16) == 16
+    projection = head.ae.encoder
+    assert bool(projection.fitted) and torch.allclose(projection.mean, offset, atol=0.2)
+    outside = projection.weight @ (torch.eye(16) - basis @ basis.T)  # the rows' part outside the subspace
+    assert float(outside.norm()) < 0.05
+    assert head.training and fit_compressions(_HeadOnPairs(head), batches) == 0  # fitted already: nothing to do
+
+
+def test_random_compression_is_orthonormal_seeded_and_kept_by_the_state_dict():
+    from diffkd.compression import fit_compressions
+
+    teacher_maps, _, offset = _low_rank_teacher()
+    heads = [DiffKDHead(8, 16, kernel_size=1, use_ae=True, ae_channels=4, compression="random",
+                        inference_steps=1) for _ in range(2)]
+    weight = heads[0].ae.encoder.weight
+    assert torch.allclose(weight @ weight.T, torch.eye(4), atol=1e-5)
+    assert torch.equal(weight, heads[1].ae.encoder.weight)
+    fit_compressions(_HeadOnPairs(heads[0]), [(torch.randn(8, 8, 4, 4), t) for t in teacher_maps])
+    assert torch.allclose(heads[0].ae.encoder.mean, offset, atol=0.2)
+    heads[1].load_state_dict(heads[0].state_dict())
+    out = heads[1](torch.randn(8, 8, 4, 4), teacher_maps[0])  # fitted through the checkpoint: it runs
+    assert float(out["ae_loss"]) == 0.0 and out["target"].shape == (8, 4, 4, 4)
+    out["loss"].backward()
+    assert heads[1].trans.weight.grad is not None and not any(
+        p.requires_grad for p in heads[1].ae.parameters())
+
+
+def test_compression_options_are_validated():
+    with pytest.raises(ValueError, match="use_ae=True"):
+        DiffKDHead(8, 16, compression="pca")
+    with pytest.raises(ValueError, match="unknown compression"):
+        DiffKDHead(8, 16, use_ae=True, ae_channels=8, compression="svd")
+    assert DiffKDHead(8, 16).compression == "none" and DiffKDHead(8, 16, use_ae=True).compression == "ae"
+
+
+def test_method_settings_resolve_compression_and_feature_distance():
+    from diffkd.methods import build_heads, method_settings
+
+    assert method_settings("diffkd", "fashion-mnist").compression == "none"
+    assert method_settings("diffkd", "fashion-mnist", ae_channels=32).compression == "ae"
+    assert method_settings("diffkd", "imagenet", compression="none").ae_channels == 0
+    with pytest.raises(ValueError, match="--ae-channels"):
+        method_settings("diffkd", "fashion-mnist", compression="pca")
+    with pytest.raises(ValueError, match="unknown feature distance"):
+        method_settings("diffkd", "fashion-mnist", feature_distance="kl")
+    settings = method_settings("diffkd", "fashion-mnist", compression="random", ae_channels=8,
+                               feature_distance="pearson")
+    heads = build_heads(settings, {"feature": (8, 4, 4), "logit": (10,)}, {"feature": (16, 4, 4), "logit": (10,)})
+    assert heads["feature"].compression == "random" and heads["feature"].distance == "pearson"
+    assert heads["logit"].compression == "none" and heads["logit"].distance == "kl"
+
+
+@pytest.mark.parametrize("distance", ["cosine", "pearson"])
+def test_feature_head_trains_with_a_scale_free_distance(distance):
+    head = DiffKDHead(8, 16, distance=distance, inference_steps=1)
+    out = head(torch.randn(4, 8, 4, 4), 10 * torch.randn(4, 16, 4, 4))
+    assert 0.0 <= float(out["kd_loss"].detach()) <= 2.0
+    out["loss"].backward()
+    assert head.trans.weight.grad is not None
