@@ -1,6 +1,6 @@
-"""The one-call GPU check: what only a GPU can verify first, inside an internal deadline (default 5 minutes).
+"""The one-call GPU check: what only a GPU can verify first, inside an internal deadline (default 7 minutes).
 
-    python benchmarks/gpu_check.py --out benchmarks/results            # on the GPU machine, ≤ 5 minutes
+    python benchmarks/gpu_check.py --out benchmarks/results            # on the GPU machine, ≤ 7 minutes
     python benchmarks/gpu_check.py --out /tmp/check --dry-run          # CPU: tiny shapes, the same plumbing
 
 Sections, in order of value (each one's results are written to the JSON as soon as they exist, so a run that is
@@ -12,6 +12,9 @@ left, in proportion to SECTION_BUDGETS_S, and the deadline cuts what does not fi
                torch.compile(mode="reduce-overhead") if time allows.  First, per pair, CUDAGraphHead against an eager
                twin with the same kernels over 3 SGD steps (same random state per step) and its own self-check;
                then the targets: graphed step / KD step ≤ 1.5, paper's code / graphed ≥ 1.3, compile / graphed ≥ 1.2
+  graphs       benchmarks.graph_checks: pytest tests/test_graphs_gpu.py (graphed Triton heads against eager ones
+               over accumulated steps, bf16, channels-last, a new shape, DDP) and the cost of the gradient copies
+               each replay makes (PyTorch issue 181723)
   parity       benchmarks.parity.run_parity: the kernels against the reference at real shapes, CUDA-graph replay
   head         the whole head, forward+backward: naive (paper's code) vs ours, at the three head shapes
   chain        the 5-step chain with Φ, forward+backward, B 32, C 1024, 7×7, fp32 and bf16: diffusers (when
@@ -41,11 +44,11 @@ from benchmarks._report import Results, default_results_name, make_table, print_
 from benchmarks._timing import (TimingPlan, card_slug, configure_cpu, configure_gpu_math, environment,  # noqa: E402
                                 time_left)
 
-# Seconds each section may use at the default 300 s deadline; a section starting with T seconds left gets
+# Seconds each section may use at the default 420 s deadline; a section starting with T seconds left gets
 # T · budget / (sum of the budgets of it and the sections after it), so time one leaves over goes to the next ones.
-SECTION_BUDGETS_S = {"train_step": 150, "parity": 60, "head": 40, "chain": 35, "step_kernel": 15}
+SECTION_BUDGETS_S = {"train_step": 150, "graphs": 120, "parity": 60, "head": 40, "chain": 35, "step_kernel": 15}
 SECTIONS = tuple(SECTION_BUDGETS_S)
-DEFAULT_DEADLINE_S = 300
+DEFAULT_DEADLINE_S = 420  # the machine is lent for 8 minutes of a run: start-up and transfers need the rest
 COMPILE_RESERVE_S = 45  # torch.compile of the chain's forward+backward can take this long on a fresh machine
 STEP_COMPILE_RESERVE_S = 60  # torch.compile(mode="reduce-overhead") of a pair's two heads, forward+backward
 TRAIN_STEP_MIN_S = 25   # building ResNet-34/18 and timing the methods needs at least about this much
@@ -142,10 +145,12 @@ def parity_table(report: dict) -> dict:
 
 
 def run_section(name: str, results: Results, device, matrix: dict, deadline: float) -> None:
-    from benchmarks import bench_ddim, bench_head, bench_step  # after the header: their imports take a while
+    from benchmarks import bench_ddim, bench_head, bench_step, graph_checks  # after the header: imports take a while
 
     if name == "parity":
         run_parity_section(results, deadline)
+    elif name == "graphs":
+        graph_checks.run_graphs_section(results, device, deadline)
     elif name == "step_kernel":
         bench_ddim.run_step_kernel_benchmark(results, device, sizes_mb=matrix["sweep_mb"],
                                              real_shapes=matrix["real_step_shapes"], dtypes=matrix["step_dtypes"],
@@ -190,6 +195,15 @@ def summary_lines(sections: dict) -> list[str]:
         lines.append(f"train_step {pair}: " + "; ".join(
             f"{t['ratio']} {t['value']:.2f} (target {t['target']}: {'met' if t['met'] else 'NOT met'})"
             for t in targets))
+    graphs = sections.get("graphs", {})
+    if "gpu_tests" in graphs:
+        lines.append(f"graphs: tests/test_graphs_gpu.py {graphs['gpu_tests']['outcome']} "
+                     f"({graphs['gpu_tests']['summary']})")
+    for row in graphs.get("gradient_copy", []):
+        device_ms = row["owned_copies device ms"]
+        lines.append(f"graphs: gradient copies of the {row['head']} head ({row['tensors']} tensors) "
+                     + (f"{device_ms:.3f} ms device, " if device_ms is not None else "")
+                     + f"{row['owned_copies host us']:.0f} µs host")
     parity = sections.get("parity", {}).get("report", {})
     if "passed" in parity:
         lines.append(f"parity: {'PASSED' if parity['passed'] else 'FAILED'}")

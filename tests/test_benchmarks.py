@@ -113,8 +113,8 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path, capsys):
     assert out.index("--- train_step") < out.index("--- head") and "=== summary" in out
 
 
-def test_gpu_check_runs_the_graphed_training_step_first_then_parity():
-    assert gpu_check.SECTIONS[:2] == ("train_step", "parity")
+def test_gpu_check_runs_the_graphed_training_step_first_then_the_graph_tests_then_parity():
+    assert gpu_check.SECTIONS[:3] == ("train_step", "graphs", "parity")
     assert gpu_check.GPU_MATRIX["step_pairs"] == ("imagenet", "cifar") and gpu_check.GPU_MATRIX["step_methods"] is None
     assert bench_step.PAIRS["imagenet"].gpu_batch == bench_step.PAIRS["cifar"].gpu_batch == 64
     assert sum(gpu_check.SECTION_BUDGETS_S.values()) == gpu_check.DEFAULT_DEADLINE_S
