@@ -44,6 +44,8 @@ class MethodSettings:
     compression: str | None = None  # DiffKD feature head: ae | pca | random (ae_channels wide) | none; None: ae when
     #                                 ae_channels > 0, else none
     feature_distance: str = "mse"   # DiffKD feature head's KD distance: mse | cosine | pearson
+    logit_kd_weight: float = 0.0    # DiffKD with heads "feature": plain KD (KL) on the logits beside it; 0 = none
+    logit_kd_temperature: float = 4.0  # its τ (the KD recipe's)
     nfe: int = 5                    # DiffKD: denoising steps
     anm: bool = True                # DiffKD: adaptive noise matching
     logit_distance: str = "kl"      # DiffKD's logit / score-map head: kl, or dist (the paper's DiffKD†)
@@ -71,6 +73,13 @@ class MethodSettings:
             raise ValueError(f"compression {self.compression} needs " + (
                 "ae_channels 0 (no latent)" if self.compression == "none" else
                 "ae_channels > 0, the latent width (--ae-channels N)") + f", got ae_channels {self.ae_channels}")
+        if not self.logit_kd_weight >= 0 or not self.logit_kd_temperature > 0:
+            raise ValueError(f"logit_kd_weight must be >= 0 and logit_kd_temperature > 0, got "
+                             f"{self.logit_kd_weight!r} and {self.logit_kd_temperature!r}")
+        if self.logit_kd_weight > 0 and (self.method != "diffkd" or self.heads != "feature"):
+            raise ValueError("logit KD beside DiffKD (logit_kd_weight > 0) takes the logit slot: it needs method "
+                             f"diffkd with heads feature (--heads feature), got method {self.method}, heads "
+                             f"{self.heads}")
         if self.feature_distance not in FEATURE_DISTANCES:
             raise ValueError(f"unknown feature distance {self.feature_distance!r}; choose one of "
                              f"{', '.join(FEATURE_DISTANCES)}")
@@ -84,7 +93,7 @@ class MethodSettings:
     def head_kinds(self) -> tuple[str, ...]:
         """The tensors this method distils on a classifier (empty: the method needs no teacher)."""
         return {"none": (), "kd": ("logit",), "dist": ("logit",), "mse": ("feature",),
-                "diffkd": HEAD_SELECTIONS[self.heads]}[self.method]
+                "diffkd": HEAD_SELECTIONS[self.heads] + (("logit",) if self.logit_kd_weight > 0 else ())}[self.method]
 
 
 # Loss weights per method and recipe column.  Tags: [paper] the DiffKD paper, [benchmark] the common CIFAR
@@ -266,6 +275,9 @@ def build_heads(settings: MethodSettings, student_shapes: Mapping[str, tuple[int
                              "distillation needs the same classes (build both models with the same num_classes)")
         if settings.method in ("kd", "dist"):
             heads[kind] = logit_head(settings)
+        elif kind == "logit" and settings.logit_kd_weight > 0:  # plain KD beside DiffKD's feature head
+            heads[kind] = LogitDistillation("kl", weight=settings.logit_kd_weight,
+                                            temperature=settings.logit_kd_temperature)
         elif kind == "feature":
             heads[kind] = feature_map_head(settings, s_channels, t_channels)
         else:

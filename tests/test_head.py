@@ -488,3 +488,17 @@ def test_feature_head_trains_with_a_scale_free_distance(distance):
     assert 0.0 <= float(out["kd_loss"].detach()) <= 2.0
     out["loss"].backward()
     assert head.trans.weight.grad is not None
+
+
+def test_logit_kd_beside_the_diffkd_feature_head():
+    from diffkd.methods import LogitDistillation, build_heads, method_settings
+
+    settings = method_settings("diffkd", "fashion-mnist", heads="feature", logit_kd_weight=0.9)
+    assert settings.head_kinds == ("feature", "logit")
+    heads = build_heads(settings, {"feature": (8, 4, 4), "logit": (10,)}, {"feature": (16, 4, 4), "logit": (10,)})
+    assert isinstance(heads["feature"], DiffKDHead) and isinstance(heads["logit"], LogitDistillation)
+    assert (heads["logit"].weight, heads["logit"].temperature) == (0.9, 4.0)
+    with pytest.raises(ValueError, match="--heads feature"):
+        method_settings("diffkd", "fashion-mnist", logit_kd_weight=0.9)
+    with pytest.raises(ValueError, match="--heads feature"):
+        method_settings("mse", "fashion-mnist", logit_kd_weight=0.9)

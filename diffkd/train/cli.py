@@ -309,6 +309,9 @@ def build_parser(*, suppress_defaults: bool = False, config_path: str | None = N
     group.add_argument("--nfe", type=positive_int, help="DiffKD denoising steps (default 5)")
     group.add_argument("--anm", action=argparse.BooleanOptionalAction,
                        help="DiffKD adaptive noise matching (default on; --no-anm is the ablation)")
+    group.add_argument("--logit-kd-weight", type=non_negative_float,
+                       help="DiffKD with --heads feature: weight of plain KD (KL) on the logits beside it (default 0)")
+    group.add_argument("--logit-kd-temperature", type=float, help="its temperature τ (default 4, the KD recipe's)")
     group.add_argument("--logit-distance", choices=LOGIT_DISTANCES,
                        help="DiffKD logit-head distance: kl, or dist for the paper's DiffKD† (default kl)")
     group.add_argument("--feature-norm", choices=FEATURE_NORMS,
