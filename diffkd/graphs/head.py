@@ -60,7 +60,7 @@ import torch.nn as nn
 
 import kernels
 from diffkd.graphs.compare import SELF_CHECK_TOLERANCE, GraphingFailed, compare_steps, record_step
-from diffkd.graphs.keys import GraphKey, describe, graph_key
+from diffkd.graphs.keys import GraphKey, KeyReader, describe
 from diffkd.graphs.paths import path_of
 from diffkd.graphs.runtime import CudaGraphRuntime, OwnedGradients
 from diffkd.graphs.state_dict import add_head_prefix, strip_head_prefix
@@ -155,6 +155,7 @@ class CUDAGraphHead(nn.Module):
             raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r} (each captured key holds "
                              "its own memory pool)")
         self.head = head
+        self._key_of = KeyReader(head)
         self.self_check, self.warmup_iterations, self.tolerance = self_check, warmup_iterations, tolerance
         self.max_graphs = max_graphs
         self._runtime = CudaGraphRuntime()
@@ -193,7 +194,9 @@ class CUDAGraphHead(nn.Module):
         # on the old one.  They are captured again on the next call.
         self._graphs.clear()
         self._eager_keys.clear()
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        self._key_of = KeyReader(self.head)  # conversions may replace parameters
+        return result
 
     # ---- dispatch ---------------------------------------------------------------------------------------------
     def _eager_reason(self, student, teacher, explicit: dict) -> str | None:
@@ -221,7 +224,7 @@ class CUDAGraphHead(nn.Module):
         self.eager_reason = self._eager_reason(student_feat, teacher_feat, explicit)
         if self.eager_reason is not None:
             return self._eager(student_feat, teacher_feat, **explicit)
-        key = graph_key(self.head, student_feat, teacher_feat)
+        key = self._key_of(student_feat, teacher_feat)
         if key in self._eager_keys:
             self.eager_reason = self.fallback_reason = self._eager_keys[key]
             return self._eager(student_feat, teacher_feat)

@@ -10,6 +10,7 @@ A graph replays fixed kernels on fixed memory with the constants of its capture,
 """
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import NamedTuple
 
 import torch
@@ -23,38 +24,40 @@ class GraphKey(NamedTuple):
     autocast: torch.dtype | None
     tf32: tuple[bool, bool]
     trainable: tuple[bool, ...]  # each parameter's requires_grad
-    settings: tuple  # per submodule: its (name, value) plain Python settings, the training flag among them
+    settings: tuple  # every submodule's plain Python settings (values), the training flag among them
 
 
-def _setting(value):
-    """``value`` as a hashable constant when it is a plain Python setting (a scalar, or a list / tuple of them),
-    else None."""
-    if isinstance(value, _SCALARS):
-        return (value,)
-    if isinstance(value, (list, tuple)) and all(isinstance(v, _SCALARS) for v in value):
-        return (tuple(value),)
-    return None
+def _is_setting(value) -> bool:
+    """A plain Python setting: a scalar, or a list / tuple of scalars."""
+    return isinstance(value, _SCALARS) or (isinstance(value, (list, tuple)) and all(isinstance(v, _SCALARS)
+                                                                                   for v in value))
 
 
-def module_settings(head: nn.Module) -> tuple:
-    """Every submodule's plain Python attributes, the ``training`` flag among them."""
-    settings = []
-    for module in head.modules():
-        found = []
-        for name, value in vars(module).items():
-            setting = _setting(value)
-            if setting is not None:
-                found.append((name, setting[0]))
-        settings.append(tuple(found))
-    return tuple(settings)
+class KeyReader:
+    """Reads the GraphKey of a call of ``head``.  Which attributes of which submodules are settings is found once,
+    here (a wrapper is built after its head), so that a call only reads their values: a few µs, not a walk over
+    every attribute of every submodule."""
 
+    def __init__(self, head: nn.Module):
+        self.parameters = tuple(head.parameters())
+        self.scalars, self.sequences = [], []  # (module, attrgetter of its scalar settings), (module, name)
+        for module in head.modules():
+            names = [name for name, value in vars(module).items() if _is_setting(value)]
+            scalars = [name for name in names if isinstance(getattr(module, name), _SCALARS)]
+            self.scalars.append((module, attrgetter(*scalars)))  # every module has its training flag
+            self.sequences += [(module, name) for name in names if name not in scalars]
 
-def graph_key(head: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> GraphKey:
-    device_type = student.device.type
-    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    return GraphKey(tuple((tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad) for t in (student, teacher)),
-                    autocast, (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
-                    tuple(p.requires_grad for p in head.parameters()), module_settings(head))
+    def settings(self) -> tuple:
+        return (tuple(get(module) for module, get in self.scalars)
+                + tuple(tuple(getattr(module, name)) for module, name in self.sequences))
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> GraphKey:
+        device_type = student.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        return GraphKey(tuple((tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+                              for t in (student, teacher)),
+                        autocast, (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+                        tuple(p.requires_grad for p in self.parameters), self.settings())
 
 
 def describe(key: GraphKey) -> str:
