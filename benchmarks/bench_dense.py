@@ -42,8 +42,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_accuracy import (RESULTS, REPO, Runner, RunSpec, Study, Variant, _interval, _mean_std,  # noqa: E402
-                                       paired_difference, read_summary, subprocess_runner)
+from benchmarks.bench_accuracy import (  # noqa: E402  (after the path set-up above)
+    REPO, RESULTS, Runner, RunSpec, Study, Variant, _interval, _mean_std, paired_difference, read_summary,
+    subprocess_runner)
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,15 @@ def finished_row(folder: Path, epochs: int, metric: str) -> dict | None:
     return None
 
 
-def loss_balance(row: Mapping[str, str], task: DenseTask) -> float | None:
-    """(loss − task loss) / task loss of a summary row: how large the distillation terms are against the task's
-    own loss (the dense defaults weight the task loss 1)."""
+def loss_balance(row: Mapping[str, str], task: DenseTask) -> dict[str, float] | None:
+    """How large the distillation terms of a summary row are against the task's own loss: ``all`` = (loss − task
+    loss) / task loss, and ``kd`` = the heads' KD terms alone (the sum of every ``<head>/kd_loss``; the dense
+    defaults weight them and the task loss 1), the part whose gradient reaches the student besides the task's."""
     if not row.get("train_loss") or not row.get(f"train_{task.task_loss}"):
         return None
     task_loss = float(row[f"train_{task.task_loss}"])
-    return (float(row["train_loss"]) - task_loss) / task_loss
+    kd = sum(float(value) for key, value in row.items() if key.endswith("/kd_loss") and value)
+    return {"all": (float(row["train_loss"]) - task_loss) / task_loss, "kd": kd / task_loss}
 
 
 class DenseStudy(Study):
@@ -227,7 +230,8 @@ def summarise(results: Mapping[str, Mapping[int, list[dict]]]) -> dict:
                    for when, index in (("first_epoch", 0), ("last_epoch", -1))}
         variants[name] = {"task": task.name, "description": VARIANTS[name][1].description,
                           **{key: _statistics(v) for key, v in values.items()},
-                          "loss_balance": {when: statistics.mean(v) for when, v in balance.items() if v}}
+                          "loss_balance": {when: {kind: statistics.mean(b[kind] for b in v) for kind in v[0]}
+                                           for when, v in balance.items() if v}}
     for name, entry in variants.items():
         baseline = f"{entry['task']}-{BASELINE}"
         difference = paired_difference(metric[name], metric[baseline]) \
@@ -281,11 +285,15 @@ def render_markdown(summary: Mapping, settings: Mapping, meta: Mapping) -> str:
                 not n.endswith(f"-{BASELINE}")]
     if balanced:
         lines += ["## Loss balance: distillation terms / task loss (training batches, mean over seeds)", "",
-                  "The run's weighted loss minus the task's own loss (detection: the detector's losses; "
-                  "segmentation: the cross-entropy), divided by that task loss, averaged over an epoch.", "",
-                  "| method | epoch 1 | last epoch |", "| --- | --- | --- |"]
-        lines += [f"| {n} | {b.get('first_epoch', math.nan):.2f} | {b.get('last_epoch', math.nan):.2f} |"
-                  for n, b in balanced]
+                  "All terms: the run's weighted loss minus the task's own loss (detection: the detector's losses; "
+                  "segmentation: the cross-entropy), divided by that task loss, averaged over an epoch. KD terms: "
+                  "the heads' KD losses alone (weight 1), without DiffKD's diffusion loss, which trains the "
+                  "denoiser on the teacher's features and sends no gradient to the student.", "",
+                  "| method | epoch 1: all terms | epoch 1: KD terms | last epoch: all terms | last epoch: KD terms |",
+                  "| --- | --- | --- | --- | --- |"]
+        nan = {"all": math.nan, "kd": math.nan}
+        lines += [f"| {n} | " + " | ".join(f"{b.get(when, nan)[kind]:.2f}" for when in ("first_epoch", "last_epoch")
+                                         for kind in ("all", "kd")) + " |" for n, b in balanced]
         lines.append("")
     return "\n".join(lines)
 

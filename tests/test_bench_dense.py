@@ -17,7 +17,7 @@ def _flag(argv, name, default=None):
 class FakeTrainer:
     """Writes what ``python -m diffkd.train`` writes that the study reads: summary.csv (and last.pth). The metric
     is 10 + 2·(method index) + 0.1·seed, so every difference from the student alone is exact; the distillation
-    terms are 3× the task loss in epoch 1 and 1× in the last."""
+    terms are 3× the task loss in epoch 1 and 1× in the last, half of them KD terms."""
 
     def __init__(self, fail: str | None = None):
         self.calls, self.fail = [], fail
@@ -38,6 +38,7 @@ class FakeTrainer:
         for epoch in range(1, epochs + 1):
             ratio = 0 if method == "none" else (3 if epoch == 1 else 1)
             rows.append({"epoch": epoch, task_loss: 0.5, "train_loss": 0.5 * (1 + ratio),
+                         "train_head/kd_loss": 0.25 * ratio,  # half of the distillation terms
                          f"val_{metric}": value if epoch == epochs else "",
                          f"val_{second}": 2 * value if epoch == epochs else ""})
         with open(folder / "summary.csv", "w", newline="") as file:
@@ -73,14 +74,15 @@ def test_the_study_trains_each_teacher_once_runs_seed_by_seed_and_reports_paired
     diffkd = summary["variants"]["segmentation-diffkd"]
     assert diffkd["miou"]["mean"] == pytest.approx(16.1) and diffkd["vs_none"]["mean"] == pytest.approx(6)
     assert diffkd["vs_none"]["std"] == pytest.approx(0, abs=1e-9)
-    assert diffkd["loss_balance"] == {"first_epoch": pytest.approx(3), "last_epoch": pytest.approx(1)}
+    assert diffkd["loss_balance"] == {"first_epoch": {"all": pytest.approx(3), "kd": pytest.approx(1.5)},
+                                      "last_epoch": {"all": pytest.approx(1), "kd": pytest.approx(0.5)}}
     assert [(c["better"], c["worse"], round(c["mean"], 6)) for c in summary["comparisons"]] == [
         ("detection-diffkd", "detection-mse", 2), ("segmentation-diffkd", "segmentation-dist", 2),
         ("segmentation-diffkd", "segmentation-kd", 4)]
     markdown = (tmp_path / "report" / "dense.md").read_text()
     assert "| diffkd: DiffKD on every FPN level | 3 | 14.10 ± 0.10 | 14.00, 14.10, 14.20 | +4.00 [+4.00, +4.00] " \
            "(excludes 0) | 28.20 ± 0.20 |" in markdown
-    assert "| detection-mse | 3.00 | 1.00 |" in markdown
+    assert "| detection-mse | 3.00 | 1.50 | 1.00 | 0.50 |" in markdown
     with Image.open(tmp_path / "report" / "dense.png") as image:
         assert image.size[0] > 500 and image.size[1] > 500
     # Nothing left to do: a rerun trains nothing; a new seed trains only its own runs.
