@@ -1,6 +1,7 @@
 """Test-suite setup.  Without a CUDA device, Triton's CPU interpreter is enabled (before anything imports triton:
-importing torch does not), so the kernel tests run here; with one, the suite runs the compiled kernels, and the
-tests marked ``gpu`` (tests/test_graphs_gpu.py: graphed Triton heads) run too."""
+importing torch does not), so the kernel tests run here.  With one, the suite runs the compiled kernels (the
+tests marked ``gpu``: tests/test_graphs_gpu.py), and the kernel modules, which build CPU tensors for the
+interpreter, are skipped unless ``TRITON_INTERPRET=1`` is set."""
 import os
 import zlib
 
@@ -15,6 +16,19 @@ import pytest  # noqa: E402
 
 # Tests use tiny tensors: a second OpenMP thread only adds contention on a 2-core machine.
 torch.set_num_threads(1)
+
+
+INTERPRETER_MODULES = "test_kernels_"  # these tests put CPU tensors through backend="triton"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    skip = pytest.mark.skip(reason="builds CPU tensors for Triton's interpreter: run with TRITON_INTERPRET=1 (on a GPU "
+                                   "the compiled kernels run in tests/test_graphs_gpu.py and benchmarks/)")
+    for item in items:
+        if item.path.name.startswith(INTERPRETER_MODULES):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 
 import pytest
@@ -18,8 +17,7 @@ import torch.nn as nn
 import diffkd
 import kernels
 from diffkd import CUDAGraphHead, DiffKDHead, load_official_state_dict
-from diffkd.graphs import (GraphingFailed, StepRecord, compare_steps, gradient_error, head_path, owned_copies,
-                           record_step)
+from diffkd.graphs import gradient_error, head_path, owned_copies
 from graph_emulation import make_graphed_callable_on_cpu
 
 SHAPES = {"feature": (dict(student_channels=8, teacher_channels=16), (4, 8, 3, 3), (4, 16, 3, 3)),
@@ -384,55 +382,6 @@ def test_a_call_before_the_previous_backward_runs_eagerly_and_keeps_gradients_ri
     for ours, theirs in ((firsts[0], twin_firsts[0]), (seconds[0], twin_seconds[0])):
         assert torch.allclose(ours.grad, theirs.grad, rtol=1e-4, atol=1e-5)
     _assert_same_state(head, twin, exact=False)
-
-
-# ---- the comparison and the kernels' context ----------------------------------------------------------------------
-def _record(**overrides) -> StepRecord:
-    base = StepRecord(outputs={"loss": torch.tensor(2.0), "gamma": torch.tensor([0.5, 0.25])},
-                      input_grad=torch.tensor([1.0, -1.0]),
-                      param_grads={"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0])},
-                      buffers={"bn.running_mean": torch.tensor([0.1, 0.2]), "bn.num_batches_tracked": torch.tensor(3)})
-    for field, value in overrides.items():
-        setattr(base, field, value)
-    return base
-
-
-def test_compare_steps_passes_equal_records_and_names_the_worst_difference():
-    verdict = compare_steps(_record(), _record())
-    assert verdict["passed"] and verdict["worst"] == 0 and verdict["reason"] is None and verdict["worst_of"] is None
-    assert set(verdict["errors"]) == {"output gamma", "output loss", "input grad", "parameter grads",
-                                      "buffer bn.num_batches_tracked", "buffer bn.running_mean"}
-    # parameter gradients are one vector: |(0.05, 0)| / |(3, 4, 0)| = 0.01
-    verdict = compare_steps(_record(param_grads={"w": torch.tensor([3.05, 4.0]), "b": torch.tensor([0.0])}),
-                            _record(), tolerance=1e-3)
-    assert not verdict["passed"] and verdict["worst_of"] == "parameter grads"
-    assert math.isclose(verdict["worst"], 0.01, rel_tol=1e-6)
-    assert "parameter grads differs from eager: relative error 0.01 > 0.001" == verdict["reason"]
-    assert compare_steps(_record(outputs={"loss": torch.tensor(2.0001), "gamma": torch.tensor([0.5, 0.25])}),
-                         _record(), tolerance=1e-3)["passed"]
-
-
-@pytest.mark.parametrize("overrides, worst_of", [
-    (dict(buffers={"bn.running_mean": torch.tensor([0.1, 0.2]), "bn.num_batches_tracked": torch.tensor(4)}),
-     "buffer bn.num_batches_tracked"),
-    (dict(outputs={"loss": torch.tensor(2.0)}), "output gamma"),
-    (dict(outputs={"loss": torch.tensor(math.nan), "gamma": torch.tensor([0.5, 0.25])}), "output loss"),
-    (dict(param_grads={"w": torch.tensor([3.0, 4.0]), "b": None}), "parameter grads"),
-    (dict(input_grad=None), "input grad"),
-])
-def test_compare_steps_fails_missing_or_non_finite_values(overrides, worst_of):
-    verdict = compare_steps(_record(**overrides), _record())
-    assert not verdict["passed"] and verdict["worst_of"] == worst_of and verdict["worst"] == math.inf
-
-
-def test_record_step_leaves_grad_untouched_and_needs_a_loss():
-    head, s_shape, t_shape = _head("feature")
-    student, teacher = _features(s_shape, t_shape)
-    record = record_step(head, head, student, teacher)
-    assert student.grad is None and all(p.grad is None for p in head.parameters())
-    assert record.input_grad.shape == s_shape and set(record.param_grads) == {n for n, _ in head.named_parameters()}
-    with pytest.raises(GraphingFailed, match="no 'loss'"):
-        record_step(lambda s, t: {"kd": s.sum()}, head, student, teacher)
 
 
 # ---- gradient accumulation against PyTorch's buffer semantics (PyTorch issue 181723) -----------------------------
