@@ -195,12 +195,14 @@ def arm_settings(args: argparse.Namespace, arm: str) -> dict:
 def open_arm(args: argparse.Namespace, arm: str, train: Runner | None = None,
              evaluate: Runner | None = None) -> GapStudy:
     return GapStudy(args.work_dir / arm, arm_settings(args, arm), teacher_epochs=args.teacher_epochs,
-                    train=train or subprocess_runner("diffkd.train"), evaluate=evaluate or subprocess_runner("diffkd.eval"))
+                    train=train or subprocess_runner("diffkd.train"),
+                    evaluate=evaluate or subprocess_runner("diffkd.eval"))
 
 
 def main_arm_spread(study: GapStudy) -> float | None:
     """The per-seed std of DiffKD − MSE over the main arm's finished seeds (None with fewer than 2)."""
-    top1 = {name: {seed: float(row["val_top1"]) for seed, row in rows.items()} for name, rows in study.results().items()}
+    top1 = {name: {seed: float(row["val_top1"]) for seed, row in rows.items()}
+            for name, rows in study.results().items()}
     if "diffkd" not in top1 or "mse" not in top1:
         return None
     difference = paired_difference(top1["diffkd"], top1["mse"])

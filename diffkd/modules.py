@@ -180,7 +180,8 @@ class DiffKDHead(nn.Module):
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, *, kernel_size: int = 3, use_ae: bool = False,
-                 ae_channels: int | None = None, compression: str = "ae", inference_steps: int = 5, timestep_start: str = "official",
+                 ae_channels: int | None = None, compression: str = "ae", inference_steps: int = 5,
+                 timestep_start: str = "official",
                  use_anm: bool = True, distance: str = "mse", temperature: float = 1.0, kd_weight: float = 1.0,
                  diffusion_weight: float = 1.0, ae_weight: float = 1.0, backend: str = "auto",
                  check_finite: bool = False, channels_last: bool = True, num_train_timesteps: int = 1000,

@@ -205,7 +205,8 @@ def measure_models(student: nn.Module, teacher: nn.Module, fit_batches: Iterable
     heads = diffkd_heads(heads) if heads else {}
     for module in (student, teacher, *heads.values()):
         module.eval().to(device)
-    taps = {"student": FeatureLogitTaps(student, feature_taps[0]), "teacher": FeatureLogitTaps(teacher, feature_taps[1])}
+    taps = {role: FeatureLogitTaps(model, tap) for role, model, tap in (("student", student, feature_taps[0]),
+                                                                        ("teacher", teacher, feature_taps[1]))}
     try:
         fit = _accumulate(student, teacher, taps, heads, fit_batches, device, seed)
         test = _accumulate(student, teacher, taps, heads, test_batches, device, seed + 1_000_003)
