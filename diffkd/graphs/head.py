@@ -26,8 +26,9 @@ the state of exactly one step.  The gradients a replay hands back are copies, ne
 give the bare head's ``.grad``.
 
 Self-check and fallback, per key.  The first call of a key compares one graphed forward+backward with one eager
-step of the same kernels and random state (``compare_steps``; the verdict, with the key's memory-pool size on a GPU
-as ``pool_bytes``, goes to ``self_checks``).  A capture or check that fails makes that key run eagerly (reason in
+step of the same kernels and random state (``compare_steps`` within ``tolerance``, 1e-3, or 3e-2 when the head
+computes in 16 bits; the verdict, with the key's memory-pool size on a GPU as ``pool_bytes``, goes to
+``self_checks``).  A capture or check that fails makes that key run eagerly (reason in
 ``fallback_reason`` and ``eager_reason``, one ``RuntimeWarning`` per distinct reason); other keys stay graphed.
 An error the bare head raises for the input (a batch of one in training, wrong channels) is raised as eagerly.
 
