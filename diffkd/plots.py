@@ -154,6 +154,11 @@ def _draw_metrics(history, keys: Sequence[str], path: Path, title: str) -> Path:
                                                    if source == "val" and len(epochs) <= 2 else "")
                 _curve(axis, epochs, values, label=label, annotate=source == "val", **_style(index))
         _epoch_axis(axis, METRIC_PANELS[metric])
+    run_epochs = [_number(row["epoch"]) for row in history]
+    low, high = min(run_epochs), max(run_epochs)
+    for (axis,) in axes:  # every panel spans the run's epochs, however few of them were evaluated
+        axis.set_xlim(*((low - 1, high + 1) if low == high else (low - 0.05 * (high - low) - 0.3,
+                                                                   high + 0.05 * (high - low) + 0.3)))
     return _save(figure, path, title)
 
 
@@ -218,6 +223,8 @@ def plot_history(history: Sequence[Mapping[str, float]], folder: str | Path, tit
     keys = list(dict.fromkeys(key for row in history for key in row))
     # A term that is zero throughout (a head's AE loss without an autoencoder) is left out.
     loss_keys = [k for k in keys if k.startswith("train_") and k.endswith("loss") and any(_series(history, k)[1])]
+    if len(loss_keys) == 2 and "train_loss" in loss_keys:  # a single term: the total is the same curve
+        loss_keys.remove("train_loss")
     heads = _noise_heads(keys)
     written = [_draw_losses(history, loss_keys, folder / "losses.png", title),
                _draw_metrics(history, keys, folder / "accuracy.png", title)]
