@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from diffkd.train.checkpoint import as_training_checkpoint, export_student, load_file
-from diffkd.train.cli import (ALL_DATASETS, ArgumentParser, HelpFormatter, check_task_and_dataset, path_text,
-                              positive_int)
+from diffkd.train.cli import ALL_DATASETS, ArgumentParser, HelpFormatter, check_task_and_dataset
 from diffkd.train.cli import parse_args as train_parse_args
 from diffkd.train.errors import UsageError
+from diffkd.train.flag_values import path_text, positive_int
 from diffkd.train.runtime import Precision, Runtime, setup_runtime
 from diffkd.train.tasks import TASK_NAMES, task_of
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +20,10 @@ from diffkd.methods import HEAD_SELECTIONS, LOGIT_DISTANCES, METHODS
 from diffkd.modules import FEATURE_NORMS
 from diffkd.schedule import TIMESTEP_STARTS
 from diffkd.train.errors import UsageError
+from diffkd.train.flag_effects import check_settings_take_effect
+from diffkd.train.flag_values import (checkpoint_interval, decay_rate, experiment_name, learning_rate, momentum_value,
+                                      non_negative_float, non_negative_int, path_text, positive_float, positive_int,
+                                      seed_value)
 from diffkd.train.tasks import TASK_NAMES
 from kernels._common import BACKENDS
 
@@ -66,119 +69,6 @@ KNOWN_SYNONYMS = {
     "model_s": "student", "model_t": "teacher", "path_t": "teacher_ckpt", "num_workers": "workers",
     "warmup": "warmup_epochs", "output_dir": "output", "data_path": "data_dir", "data": "data_dir",
 }
-
-
-def _parse_number(text: str, kind: type) -> int | float:
-    """``text`` as an int or a finite float, or an argparse error saying what was expected."""
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                         f"got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = _parse_number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _parse_number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def seed_value(text: str) -> int:
-    """NumPy's generators take seeds in 0 .. 2**32 - 1."""
-    value = _parse_number(text, int)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in 0 .. 4294967295, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _parse_number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _parse_number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def learning_rate(text: str) -> float:
-    """> 0; an explicit 0 is allowed (a frozen-weights check) and warned about by ``parse_args``."""
-    value = _parse_number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (e.g. 0.05), got {text}")
-    return value
-
-
-def momentum_value(text: str) -> float:
-    value = _parse_number(text, float)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (e.g. 0.9), got {text}")
-    return value
-
-
-def decay_rate(text: str) -> float:
-    value = _parse_number(text, float)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"is the factor the LR is multiplied by, in (0, 1] (0.1 divides it by "
-                                         f"10), got {text}")
-    return value
-
-
-def path_text(text: str) -> str:
-    """A file or folder name; an empty one (``--output ""``) would silently mean the current folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty; pass a file or folder name")
-    return text
-
-
-def experiment_name(text: str) -> str:
-    """One folder name inside --output: it cannot climb out of it or name a path elsewhere."""
-    text = path_text(text)
-    if "/" in text or "\\" in text or text in (".", ".."):
-        raise argparse.ArgumentTypeError(f"must be one folder name inside --output, got {text!r}; choose where "
-                                         f"runs go with --output")
-    return text
-
-
-_DURATION_UNITS = {"s": 1, "min": 60, "h": 3600}
-
-
-def checkpoint_interval(text: str) -> str:
-    """``N`` optimizer steps, or a wall-clock duration such as ``600s``, ``10min``, ``1h``."""
-    text = str(text).strip()
-    if text.isdigit() and int(text) > 0:
-        return text
-    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
-        number = text[:-len(unit)]
-        if text.endswith(unit) and number.replace(".", "", 1).isdigit() and float(number) > 0:
-            return text
-    raise argparse.ArgumentTypeError(f"expected a number of steps (e.g. 500) or a duration (e.g. 600s, 10min, 1h), "
-                                     f"got {text!r}")
-
-
-def interval_seconds_or_steps(text: str) -> tuple[float | None, int | None]:
-    """(seconds, None) for a duration, (None, steps) for a step count."""
-    if text.isdigit():
-        return None, int(text)
-    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
-        if text.endswith(unit):
-            return float(text[:-len(unit)]) * _DURATION_UNITS[unit], None
-    raise ValueError(f"bad checkpoint interval {text!r}")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -494,75 +384,6 @@ def apply_recipe(args: argparse.Namespace) -> None:
     for key in (*RECIPE_KEYS, *RECIPE_FALLBACKS):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
-
-
-# Settings that do nothing in some configurations: (settings, "does nothing here?", why).  Given on the command line
-# they are refused: the user typed them for this run, so a silent no-op hides a mistake (``--method kd --nfe 3``
-# meant DiffKD).  Set by a config file they are only warned about, and only when they differ from the default:
-# configs, args.yaml included, legitimately spell out one set of values for several methods and optimizers.
-_DIFFKD_SETTINGS = ("diffusion_weight", "ae_weight", "heads", "ae_channels", "nfe", "anm", "logit_distance",
-                    "timestep_start", "backend", "cuda_graph", "kernel_size")
-_NO_EFFECT_RULES = (
-    (("teacher", "teacher_ckpt", "teacher_pretrained", "teacher_feature", "kd_weight"),
-     lambda a: a.method == "none" and not a.demo,
-     lambda a: "--method none trains the student alone, without a teacher; pick a distillation method with "
-               "--method kd|dist|mse|diffkd"),
-    (_DIFFKD_SETTINGS, lambda a: a.method != "diffkd", lambda a: f"it is a DiffKD setting and --method is {a.method}"),
-    (("kd_temperature",), lambda a: a.method in ("none", "mse"),
-     lambda a: f"--method {a.method} compares no class probabilities"),
-    (("dist_beta", "dist_gamma"), lambda a: a.method != "dist" and not (a.method == "diffkd"
-                                                                        and a.logit_distance == "dist"),
-     lambda a: "it weights DIST, which only --method dist and --method diffkd --logit-distance dist use"),
-    (("student_feature", "feature_norm"), lambda a: a.method in ("none", "kd", "dist"),
-     lambda a: f"--method {a.method} distils no feature map (mse and diffkd do)"),
-    (("image_size",), lambda a: a.dataset in DATASET_NAMES,
-     lambda a: f"{a.dataset} images keep their own size; it applies to fashion-scenes, coco and segfolder"),
-    (("num_classes",), lambda a: a.dataset != "segfolder",
-     lambda a: f"{a.dataset} has a fixed set of classes; it applies to --dataset segfolder"),
-    (("fpn_channels", "share_head"), lambda a: a.task != "detection",
-     lambda a: f"it shapes the detectors' FPN and --task is {a.task}"),
-    (("momentum", "nesterov"), lambda a: a.opt != "sgd", lambda a: f"it applies to --opt sgd, not {a.opt}"),
-    (("decay_milestones",), lambda a: a.sched != "multistep",
-     lambda a: f"it applies to --sched multistep and the schedule is {a.sched}"),
-    (("decay_epochs",), lambda a: a.sched != "step", lambda a: f"it applies to --sched step and the schedule is "
-                                                               f"{a.sched}"),
-    (("decay_rate",), lambda a: a.sched not in ("step", "multistep"),
-     lambda a: f"it applies to --sched step / multistep and the schedule is {a.sched}"),
-    (("min_lr",), lambda a: a.sched != "cosine", lambda a: f"it applies to --sched cosine and the schedule is "
-                                                           f"{a.sched}"),
-    (("amp_dtype",), lambda a: not a.amp, lambda a: "mixed precision is off; add --amp"),
-    (("demo_seeds", "demo_teacher_epochs", "demo_teacher_subset"), lambda a: not a.demo,
-     lambda a: "it applies to --demo only"),
-    (("seed",), lambda a: a.demo, lambda a: "the demo's runs take their seeds from --demo-seeds"),
-    (("method",), lambda a: a.demo and a.method != "diffkd",
-     lambda a: "the demo always trains the student alone and with DiffKD"),
-    (("teacher_ckpt",), lambda a: a.demo, lambda a: "the demo trains (or reuses from its cache) its own teacher"),
-)
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def check_settings_take_effect(args: argparse.Namespace, command_line: set[str], config: dict[str, object],
-                               defaults: argparse.Namespace) -> list[str]:
-    """Refuses a setting given on the command line that does nothing in this configuration; returns warnings for
-    the ones a config file sets to a value other than the default (see ``_NO_EFFECT_RULES`` for why)."""
-    warnings = []
-    for keys, has_no_effect, why in _NO_EFFECT_RULES:
-        present = [key for key in keys if hasattr(args, key)]
-        if not present or not has_no_effect(args):
-            continue
-        for key in present:
-            if key in command_line:
-                raise UsageError(f"{_flag(key)} has no effect here: {why(args)}. Drop {_flag(key)} (nothing was "
-                                 f"written)")
-            if key in config and getattr(args, key) != getattr(defaults, key, None):
-                warnings.append(f"warning: the config sets {key}, which has no effect here: {why(args)}")
-    if args.lr == 0:  # no recipe sets 0: it was asked for
-        warnings.append("warning: --lr 0: the optimizer will not change any weight (only BatchNorm statistics "
-                        "move); this is a check, not training")
-    return warnings
 
 
 def parse_args(argv: Sequence[str], notes: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:

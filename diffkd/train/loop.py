@@ -22,7 +22,7 @@ from torch import nn
 from diffkd.train.build import build_optimizer, graph_heads, lr_factor_schedule
 from diffkd.train.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, capture_rng_state, describe_position,
                                      restore_rng_state)
-from diffkd.train.cli import interval_seconds_or_steps
+from diffkd.train.flag_values import interval_seconds_or_steps
 from diffkd.train.errors import RunInterrupted, UsageError
 from diffkd.train.guard import DivergenceGuard
 from diffkd.train.run_folder import RunFolder, run_title, stored_args
