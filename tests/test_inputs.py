@@ -184,10 +184,15 @@ def test_a_config_that_sets_settings_without_effect_is_warned_not_refused(tmp_pa
     config.write_text("student: resnet8\nteacher: resnet14\nmethod: kd\nnfe: 3\nmomentum: 0.9\nopt: sgd\n")
     notes = []
     args, _ = parse_args(["-c", str(config)], notes)
-    assert args.nfe == 3 and notes == ["warning: the config sets nfe, which has no effect here: it is a DiffKD "
-                                       "setting and --method is kd"]
+    assert args.nfe == 3 and notes == ["warning: the config sets what has no effect here: nfe (it is a DiffKD "
+                                       "setting and --method is kd)"]
     code, _, err = run_cli(train, ["-c", config, "--nfe", "4"], capsys)
     assert_clean_failure(code, err, "--nfe has no effect")
+    run_record = tmp_path / "run" / "args.yaml"  # a run's record sets every method's settings by design
+    run_record.parent.mkdir()
+    run_record.write_text(config.read_text())
+    notes.clear()
+    assert parse_args(["-c", str(run_record)], notes)[0].nfe == 3 and notes == []
     config.write_text("student: resnet8\nlr: -1\n")
     assert_clean_failure(*run_cli(train, ["-c", config], capsys)[::2], str(config), "--lr", "must be > 0")
 

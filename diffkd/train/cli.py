@@ -9,6 +9,7 @@ import argparse
 import difflib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
@@ -412,7 +413,10 @@ def parse_args(argv: Sequence[str], notes: list[str] | None = None) -> tuple[arg
     apply_recipe(args)
     if args.resume is None:  # a resumed run's settings are its saved ones, checked when it started
         command_line = set(given) - set(COMMAND_ONLY)
-        from_config = {key: value for key, value in config_values.items() if key not in command_line}
+        # A run's args.yaml records every resolved setting, the other methods' included: reused as a config it
+        # sets them by design, so only hand-written configs are checked.
+        from_config = {} if Path(given.get("config") or "").name == "args.yaml" else {
+            key: value for key, value in config_values.items() if key not in command_line}
         warnings = check_settings_take_effect(args, command_line, from_config, build_parser().parse_args([]))
         if notes is None:
             for warning in warnings:

@@ -57,9 +57,10 @@ def _flag(key: str) -> str:
 
 def check_settings_take_effect(args: argparse.Namespace, command_line: set[str], config: dict[str, object],
                                defaults: argparse.Namespace) -> list[str]:
-    """Refuses a setting given on the command line that does nothing in this configuration; returns warnings for
-    the ones a config file sets to a value other than the default (see ``_NO_EFFECT_RULES`` for why)."""
-    warnings = []
+    """Refuses a setting given on the command line that does nothing in this configuration; returns warnings (one
+    line for all the config's) for the ones a config file sets to a value other than the default (see
+    ``_NO_EFFECT_RULES`` for why the two differ)."""
+    unused_in_config = []
     for keys, has_no_effect, why in _NO_EFFECT_RULES:
         present = [key for key in keys if hasattr(args, key)]
         if not present or not has_no_effect(args):
@@ -69,7 +70,9 @@ def check_settings_take_effect(args: argparse.Namespace, command_line: set[str],
                 raise UsageError(f"{_flag(key)} has no effect here: {why(args)}. Drop {_flag(key)} (nothing was "
                                  f"written)")
             if key in config and getattr(args, key) != getattr(defaults, key, None):
-                warnings.append(f"warning: the config sets {key}, which has no effect here: {why(args)}")
+                unused_in_config.append(f"{key} ({why(args)})")
+    warnings = [f"warning: the config sets what has no effect here: {'; '.join(unused_in_config)}"] \
+        if unused_in_config else []
     if args.lr == 0:  # no recipe sets 0: it was asked for
         warnings.append("warning: --lr 0: the optimizer will not change any weight (only BatchNorm statistics "
                         "move); this is a check, not training")
