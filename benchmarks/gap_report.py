@@ -218,7 +218,7 @@ def render_markdown(table: Mapping, arms: Mapping[str, GapStudy], compared: Sequ
     teachers = {arm: s.settings["teacher"] for arm, s in arms.items()}
     tested = sum("p_holm" in c for c in compared)
     lines = [f"# When does DiffKD beat plain feature MSE? Fashion-MNIST, {meta['date']}", "",
-             f"Student resnet8 trained for {STUDY['epochs']} epochs on all 60,000 training images (batch 64, SGD lr "
+             f"Student {meta['student']}, {meta['training']} (batch 64, SGD lr "
              f"0.1, cosine, weight decay 5e-4, float32, one thread per run); test top-1 (%) on the 10,000 test "
              f"images. Teachers: " + ", ".join(f"{arm} arm {t} (test top-1 {meta['teacher_top1'][arm]})"
                                               for arm, t in teachers.items()) +
@@ -268,7 +268,7 @@ def render_markdown(table: Mapping, arms: Mapping[str, GapStudy], compared: Sequ
     return "\n".join(lines)
 
 
-def plot(compared: Sequence[dict], teachers_top1: Mapping[str, str], teachers: Mapping[str, str], path: Path) -> None:
+def plot(compared: Sequence[dict], meta: Mapping, teachers: Mapping[str, str], path: Path) -> None:
     """The paper's comparisons, DiffKD − MSE first: each seed as a point, the mean with its 95% CI, a zero line."""
     from diffkd.plots import plt
 
@@ -291,8 +291,9 @@ def plot(compared: Sequence[dict], teachers_top1: Mapping[str, str], teachers: M
     axis.set_ylim(-0.7, len(rows) - 0.3)
     axis.set_xlabel("Δ test top-1 (percentage points)")
     axis.grid(axis="x", alpha=0.3)
-    teacher_text = "; ".join(f"{teachers[a]} teacher {teachers_top1[a]}%" for a in teachers)
-    axis.set_title(f"Fashion-MNIST, resnet8 student, 2 epochs on 60k images ({teacher_text})", fontsize="medium")
+    teacher_text = "; ".join(f"{teachers[a]} teacher: test top-1 {meta['teacher_top1'][a]}%" for a in teachers)
+    axis.set_title(f"Fashion-MNIST, {meta['student']} student, {meta['training']}\n({teacher_text})",
+                   fontsize="medium")
     if rows:
         axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     figure.tight_layout()
@@ -309,12 +310,14 @@ def write(work_dir: Path, out: Path, epochs: int | None = None, measure_noise: b
         raise ValueError(f"no finished run in {work_dir} to report on")
     compared = comparisons(table)
     teachers = {arm: s.settings["teacher"] for arm, s in arms.items()}
-    meta = {"date": datetime.date.today().isoformat(), "work_dir": str(work_dir),
+    settings = next(iter(arms.values())).settings
+    meta = {"date": datetime.date.today().isoformat(), "work_dir": str(work_dir), "student": settings["student"],
+            "training": f"{settings['epochs']} epoch(s) on {settings['train_subset']:,} training images",
             "teacher_top1": {arm: s.teacher_top1() for arm, s in arms.items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(table, arms, compared, meta)
     out.with_suffix(".md").write_text(markdown)
-    plot(compared, meta["teacher_top1"], teachers, out.with_suffix(".png"))
+    plot(compared, meta, teachers, out.with_suffix(".png"))
     payload = {"meta": meta, "settings": {arm: s.settings for arm, s in arms.items()}, "comparisons": compared,
                "holm_family_size": sum("p_holm" in c for c in compared), "runs": table}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
