@@ -29,6 +29,13 @@ rewritten from every finished run: top-1 with paired 95% intervals, γ, and the 
     python benchmarks/bench_gap.py --jobs 1 --teacher-ckpt T14.pth --gap-teacher-ckpt T56.pth   # the study
     python benchmarks/bench_gap.py --quick                     # 1,000 images, 1 epoch, 2 seeds: a few minutes
     python benchmarks/bench_gap.py --report-only               # the report of the finished runs
+
+Measured on a busy shared 2-core machine (one thread per run at nice 10, beside other jobs): --quick 5 min 40 s
+with its teacher; full-data runs 19 min (student alone) and 22 min (KD).  The issue measured one epoch on a quiet
+core at 1.1 (alone), 1.6 (MSE) and 2.9 min (DiffKD), so the main arm's 10 seeds are about 2.5 h of one quiet core
+and the whole plan (105 runs) roughly 10 h.  Where others edit the working tree meanwhile, run the study from a
+frozen checkout (``git worktree add --detach ../frozen HEAD``; ``--work-dir`` and ``--out`` can point back), so
+that every run uses one commit: the provenance records ``git describe --dirty``.
 """
 from __future__ import annotations
 
