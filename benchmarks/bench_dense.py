@@ -23,6 +23,11 @@ the task loss, in the first and the last epoch — with a PNG chart and JSON.
 
     python benchmarks/bench_dense.py --jobs 1            # the full study: 2 teachers, 7 methods x 5 seeds
     python benchmarks/bench_dense.py --quick             # none and diffkd per task, 1 seed, 1 epoch on 64 scenes
+
+Measured on the project's shared 2-core machine (niced, load 3–13 from other work): ``--quick`` 8 min wall (80 s of
+CPU); the full study 2 teachers (18 and 22 min wall) and 35 student runs, detection and segmentation as two
+``--jobs 1 --tasks ...`` processes at once: 57 and 35 min wall.  benchmarks/results/dense-fashion-scenes.md holds its
+results.
 """
 from __future__ import annotations
 
@@ -311,6 +316,7 @@ def plot_summary(summary: Mapping, path: Path) -> Path:
         names = [n for n, v in variants.items() if v["task"] == task.name]
         draw_seed_comparison(left, {n.split("-", 1)[1]: list(variants[n][task.metric]["per_seed"].items())
                                     for n in names}, ylabel=f"test {task.metric_label}")
+        left.set_ylim(bottom=0)  # from 0: the differences are drawn to scale on the right
         left.set_title(f"{task.name}: {task.teacher} → {task.student}", fontsize="medium")
         compared = [n for n in names if variants[n]["vs_none"]]
         for position, name in enumerate(compared):
