@@ -274,6 +274,7 @@ def plot(compared: Sequence[dict], meta: Mapping, teachers: Mapping[str, str], p
 
     rows = [c for name in CHART_ROWS for c in compared if c["name"] == name]
     figure, axis = plt.subplots(figsize=(9, 1.0 + 0.75 * max(len(rows), 1)), dpi=110)
+    single_labelled = False
     for position, c in enumerate(rows):
         y = len(rows) - 1 - position
         seeds = list(c["per_seed"].values())
@@ -285,7 +286,9 @@ def plot(compared: Sequence[dict], meta: Mapping, teachers: Mapping[str, str], p
                           color="black", markerfacecolor="white", capsize=4, zorder=3,
                           label="mean, 95% CI (paired)" if position == 0 else None)
         else:
-            axis.scatter([c["mean"]], [y - 0.1], marker="D", color="black", facecolor="white", zorder=3)
+            axis.scatter([c["mean"]], [y - 0.1], marker="D", edgecolor="black", facecolor="white", zorder=3,
+                         label=None if single_labelled else "mean (one seed: no interval)")
+            single_labelled = True
     axis.axvline(0, color="grey", linewidth=1, zorder=1, label="no difference")
     axis.set_yticks(range(len(rows)), [f"{c['name']}  (n = {len(c['seeds'])})" for c in reversed(rows)])
     axis.set_ylim(-0.7, len(rows) - 0.3)
