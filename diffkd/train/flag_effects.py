@@ -12,7 +12,8 @@ from diffkd.train.errors import UsageError
 # meant DiffKD).  Set by a config file they are only warned about, and only when they differ from the default:
 # configs, args.yaml included, legitimately spell out one set of values for several methods and optimizers.
 _DIFFKD_SETTINGS = ("diffusion_weight", "ae_weight", "heads", "ae_channels", "nfe", "anm", "logit_distance",
-                    "timestep_start", "backend", "cuda_graph", "kernel_size")
+                    "timestep_start", "backend", "cuda_graph", "kernel_size", "compression", "feature_distance",
+                    "logit_kd_weight", "logit_kd_temperature")
 _NO_EFFECT_RULES = (
     (("teacher", "teacher_ckpt", "teacher_pretrained", "teacher_feature", "kd_weight"),
      lambda a: a.method == "none" and not a.demo,
