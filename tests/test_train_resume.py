@@ -259,3 +259,26 @@ def test_resume_alone_continues_the_latest_run_by_its_folder_name(data_dir, tmp_
     assert f"continues the latest run in {tmp_path}: {tmp_path / 'newer'}" in out and "None" not in out
     assert "resumed at" in (tmp_path / "newer" / "log.txt").read_text()
     assert "resumed at" not in (tmp_path / "older" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("recorded", [None, "absent"])
+def test_a_detection_run_recorded_before_feature_norm_resumes_with_its_own_losses(tmp_path, recorded):
+    """Runs recorded before --feature-norm existed trained on raw maps; today's detection default normalises.  A
+    resumed old run keeps raw maps, while a run that recorded the setting (None: the task's default) keeps it."""
+    from diffkd.train.cli import apply_recipe, build_parser
+    from diffkd.train.resume import resolve_resume
+
+    args = build_parser().parse_args(["--task", "detection", "--dataset", "fashion-scenes", "--method", "diffkd",
+                                      "--student", "retinanet_resnet18_fpn", "--teacher", "retinanet_resnet34_fpn",
+                                      "--threads", "1", "--device", "cpu"])
+    apply_recipe(args)
+    saved = vars(args)
+    if recorded == "absent":
+        del saved["feature_norm"]
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "args.yaml").write_text(yaml.safe_dump(saved))
+    resume_args = build_parser().parse_args(["--resume", str(run)])
+    merged, checkpoint, _ = resolve_resume(resume_args, set())
+    assert checkpoint is None
+    assert merged.feature_norm == ("none" if recorded == "absent" else None)

@@ -23,6 +23,9 @@ from diffkd.train.runtime import default_threads, resolve_device
 ADJUSTABLE = ("data_dir", "workers", "log_interval", "eval_interval", "eval_batch_size", "checkpoint_interval")
 # Where the run is, not what it is: --resume FOLDER decides.
 LOCATION = ("output", "experiment")
+# Settings added after runs were first recorded, with the value every run recorded without them trained with: a
+# resumed run keeps its losses even where today's default for its task differs (detection now normalises).
+UNRECORDED_SETTINGS = {"feature_norm": "none"}
 
 
 def _teacher_used(args) -> bool:
@@ -124,7 +127,7 @@ def resolve_resume(args: argparse.Namespace, explicit: set[str]) -> tuple[argpar
     defaults = build_parser().parse_args(["--dataset", saved.get("dataset", "fashion-mnist"),
                                           "--task", saved.get("task", "classification")])
     apply_recipe(defaults)
-    merged = argparse.Namespace(**{**vars(defaults), **saved})
+    merged = argparse.Namespace(**{**vars(defaults), **UNRECORDED_SETTINGS, **saved})
     merged.threads = merged.threads or default_threads()
     merged.device = resolve_device(merged.device)
     given = {key: getattr(args, key) for key in explicit}
