@@ -593,6 +593,23 @@ def selected_runs(args: argparse.Namespace) -> list[RunSpec]:
     return list(dict.fromkeys(specs))
 
 
+def report_meta(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+    """A report's provenance: the date, the note, the command as given (without --note, which is shown on its own)
+    and the work folder."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in given:
+        del given[given.index("--note"):given.index("--note") + 2]
+    return {"date": datetime.date.today().isoformat(), "note": args.note, "command": " ".join(given),
+            "work_dir": str(args.work_dir)}
+
+
+def exit_code(failures: Sequence[str]) -> int:
+    """Prints each failed run's line; 1 when any failed, else 0."""
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+    return 1 if failures else 0
+
+
 def main(argv: Sequence[str] | None = None, *, train: Runner | None = None, evaluate: Runner | None = None) -> int:
     args = parse_args(argv)
     settings = {**STUDY, "train_subset": args.train_subset, "epochs": args.epochs, "student": args.student,
@@ -601,18 +618,11 @@ def main(argv: Sequence[str] | None = None, *, train: Runner | None = None, eval
         study = Study(args.work_dir, settings, train=train or subprocess_runner("diffkd.train"),
                       evaluate=evaluate or subprocess_runner("diffkd.eval"))
         failures = [] if args.report_only else study.run(selected_runs(args), args.teacher_ckpt, args.jobs)
-        given = list(sys.argv[1:] if argv is None else argv)
-        if "--note" in given:  # the note is shown on its own
-            del given[given.index("--note"):given.index("--note") + 2]
-        meta = {"date": datetime.date.today().isoformat(), "note": args.note, "command": " ".join(given),
-                "work_dir": str(args.work_dir)}
-        write_report(study, args.out, meta)
+        write_report(study, args.out, report_meta(args, argv))
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
-    for failure in failures:
-        print(f"error: {failure}", file=sys.stderr, flush=True)
-    return 1 if failures else 0
+    return exit_code(failures)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import json
 import math
 import shutil
@@ -48,8 +47,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_accuracy import (  # noqa: E402  (after the path set-up above)
-    REPO, RESULTS, Runner, RunSpec, Study, Variant, _interval, _mean_std, paired_difference, read_summary,
-    subprocess_runner)
+    REPO, RESULTS, Runner, RunSpec, Study, Variant, _interval, _mean_std, exit_code, paired_difference, read_summary,
+    report_meta, subprocess_runner)
 
 
 @dataclass(frozen=True)
@@ -410,18 +409,11 @@ def main(argv: Sequence[str] | None = None, *, train: Runner | None = None, eval
         study = DenseStudy(args.work_dir, study_settings(args.quick), train=train or subprocess_runner("diffkd.train"),
                            evaluate=evaluate or subprocess_runner("diffkd.eval"))
         failures = [] if args.report_only else study.run(selected_runs(args), args.jobs)
-        given = list(sys.argv[1:] if argv is None else argv)
-        if "--note" in given:  # the note is shown on its own
-            del given[given.index("--note"):given.index("--note") + 2]
-        meta = {"date": datetime.date.today().isoformat(), "note": args.note, "command": " ".join(given),
-                "work_dir": str(args.work_dir)}
-        write_report(study, args.out, meta)
+        write_report(study, args.out, report_meta(args, argv))
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
-    for failure in failures:
-        print(f"error: {failure}", file=sys.stderr, flush=True)
-    return 1 if failures else 0
+    return exit_code(failures)
 
 
 if __name__ == "__main__":

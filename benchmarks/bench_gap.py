@@ -53,8 +53,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_accuracy import (METHODS, RESULTS, REPO, Runner, RunSpec, Study, Variant, finished_row,
-                                       paired_difference, subprocess_runner, training_argv)
+from benchmarks.bench_accuracy import (METHODS, RESULTS, REPO, Runner, RunSpec, Study, Variant, exit_code,
+                                       finished_row, paired_difference, subprocess_runner, training_argv)
 
 STUDY = {"dataset": "fashion-mnist", "student": "resnet8", "train_subset": 60000, "epochs": 2, "batch_size": 64,
          "lr": 0.1, "sched": "cosine", "weight_decay": 5e-4}
@@ -326,9 +326,7 @@ def main(argv: Sequence[str] | None = None, *, train: Runner | None = None, eval
         return 2
     if args.report_only and write_report_now(args) != 0:
         return 2
-    for failure in failures:
-        print(f"error: {failure}", file=sys.stderr, flush=True)
-    return 1 if failures else 0
+    return exit_code(failures)
 
 
 if __name__ == "__main__":
