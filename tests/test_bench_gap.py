@@ -55,11 +55,12 @@ def test_plan_runs_main_arm_then_gap_arm_then_ablations_in_order(tmp_path):
                       train=trainer, evaluate=_exporter)
     assert code == 0
     order = [_flag(c, "--experiment") for c in trainer.calls]
-    # teachers trained by the study's recipe (3 epochs on all images) before their arm's first run
+    # teachers trained by the study's recipe (3 and 6 epochs on all images) before their arm's first run
     assert order[0] == "teacher-resnet14-3ep" and _flag(trainer.calls[0], "--epochs") == "3"
     assert order[1:9] == [f"{m}-seed{s}" for s in (0, 1) for m in ("none", "kd", "mse", "diffkd")]
     assert "none-seed3" not in order  # identical fake seeds: DiffKD − MSE has no spread, seed 3 is not needed
-    gap_start = order.index("teacher-resnet56-3ep")
+    gap_start = order.index("teacher-resnet56-6ep")
+    assert _flag(trainer.calls[gap_start], "--epochs") == "6"
     assert order[gap_start + 1:gap_start + 5] == ["mse-seed0", "diffkd-seed0", "mse-seed1", "diffkd-seed1"]
     assert order[-1] == "diffkd-pca32-seed0" and "--compression" in trainer.calls[-1]
     assert bench.main(_args(tmp_path, "--seeds", "0-1", "--more-seeds", "2", "--extra-seeds", "3",
@@ -126,6 +127,8 @@ def test_bad_flags_are_refused():
         bench.parse_args(["--ablations", "diffkd-svd"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--seeds", "a-b"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--gap-teacher-epochs", "0"])
     assert bench._seeds("0-2,5") == (0, 1, 2, 5)
 
 
