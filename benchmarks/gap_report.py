@@ -214,6 +214,18 @@ def _p(c: Mapping) -> str:
     return f"{c['p']:.3f} / {c['p_holm']:.3f}" + (" (significant)" if c["p_holm"] < 0.05 else "")
 
 
+def teacher_caveat(teacher_top1: Mapping[str, str]) -> str:
+    """A warning when the larger teacher is not the more accurate one: the gap arm then mixes capacity with accuracy."""
+    try:
+        main, gap = float(teacher_top1["main"]), float(teacher_top1["gap"])
+    except (KeyError, ValueError):  # an arm without runs, or "not measured"
+        return ""
+    if gap > main:
+        return ""
+    return (f" **Caveat: the gap arm's teacher ({gap:.2f}) is not more accurate than the main arm's ({main:.2f}), so a "
+            f"difference between the arms mixes the capacity gap with the teacher's accuracy.**")
+
+
 def render_markdown(table: Mapping, arms: Mapping[str, GapStudy], compared: Sequence[dict], meta: Mapping) -> str:
     teachers = {arm: s.settings["teacher"] for arm, s in arms.items()}
     tested = sum("p_holm" in c for c in compared)
@@ -223,7 +235,7 @@ def render_markdown(table: Mapping, arms: Mapping[str, GapStudy], compared: Sequ
              f"images. Teachers: " + ", ".join(f"{arm} arm {t} (test top-1 {meta['teacher_top1'][arm]})"
                                               for arm, t in teachers.items()) +
              f". Written by `python benchmarks/gap_report.py` from {meta['work_dir']}; the recipe and why: "
-             f"benchmarks/bench_gap.py's docstring.", "",
+             f"benchmarks/bench_gap.py's docstring." + teacher_caveat(meta["teacher_top1"]), "",
              "## Top-1 per variant", "", "| arm | variant | seeds | top-1 mean ± std | per seed (seed: top-1) |",
              "| --- | --- | --- | --- | --- |"]
     for arm in table:

@@ -153,6 +153,9 @@ def test_report_answers_only_what_was_measured(tmp_path):
     assert first["mean"] == pytest.approx(0.5) and len(first["seeds"]) == 3
     assert payload["holm_family_size"] == len(names)
     assert "Holm's correction over those" in markdown and "91.24" in markdown
+    assert "Caveat: the gap arm's teacher (91.24) is not more accurate" in markdown  # both fake teachers: 91.24
+    assert report.teacher_caveat({"main": "91.24", "gap": "92.10"}) == ""
+    assert report.teacher_caveat({"main": "91.24", "gap": "not measured"}) == ""
     assert "1. Does the noise gap grow with the capacity gap? Not measured" in markdown
     assert "3. Does γ track the noise gap? Not measured" in markdown
     assert out.with_suffix(".png").stat().st_size > 10_000
