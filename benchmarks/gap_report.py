@@ -2,8 +2,9 @@
 
 Per run: test top-1, γ of the DiffKD heads (the last epoch's training mean, summary.csv), the noise gap of the
 student's feature to its teacher's (:mod:`diffkd.noise_gap`, measured here from the run's last.pth on
-NOISE_IMAGES training and NOISE_IMAGES test images, cached as noise-gap-<teacher>.json in the run folder) and the
-provenance of its launches.  The paired comparisons (seed-matched differences with 95% t-intervals, from
+NOISE_IMAGES training and NOISE_IMAGES test images, cached as noise-gap-<teacher>.json in the run folder), for
+even seeds s the same between the students of seeds s and s + 1 (the seed-to-seed reference level, cached as
+noise-gap-<variant>-seed<s + 1>.json) and the provenance of its launches.  The paired comparisons (seed-matched differences with 95% t-intervals, from
 benchmarks/bench_accuracy.py) are one family: their p-values get Holm's correction over the number of comparisons
 that have at least two seeds, and the report says how many that is.  The questions of the issue are answered only
 where runs exist; otherwise the report says "not measured".
@@ -30,6 +31,7 @@ from benchmarks.bench_gap import ABLATIONS, STUDY, VARIANTS, GapStudy
 
 NOISE_IMAGES = 5000
 NOISE_POINT = "feature/raw"  # the backbone's feature map against the teacher's: measured for every run
+NEXT_SEED = "next seed"  # the seed-to-seed reference: seed s's student against seed s + 1's, same arm and variant
 # (name, arm of a, variant a, arm of b, variant b, what it asks): a − b paired by seed.
 COMPARISONS = [
     ("DiffKD − MSE, main", "main", "diffkd", "main", "mse", "the paper's claim: DiffKD beats plain feature MSE"),
@@ -89,22 +91,48 @@ def _teacher_file(study: GapStudy) -> str | None:
     return None
 
 
-def noise_gap(folder: Path, teacher: tuple[str, str], batches) -> dict:
-    """The run's noise gap against ``teacher`` = (name, weight file), cached next to its last.pth."""
-    cache = folder / f"noise-gap-{teacher[0]}.json"
+def _cached(cache: Path, measure) -> dict:
+    """``measure()``'s noise gaps as a dict, kept in the JSON file ``cache`` (a finished run never changes)."""
     if cache.is_file():
         return json.loads(cache.read_text())
     import torch
 
-    from diffkd.noise_gap import as_dict, measure_checkpoint
+    from diffkd.noise_gap import as_dict
 
     torch.set_num_threads(1)  # like the runs: one core of a shared machine
-    checkpoint = torch.load(folder / "last.pth", map_location="cpu", weights_only=False)
-    own_teacher = checkpoint["args"].get("teacher") == teacher[0] and checkpoint["args"].get("method") == "diffkd"
-    fit, test, info = batches()
-    gaps = as_dict(measure_checkpoint(checkpoint, fit, test, info, teacher=None if own_teacher else teacher))
+    gaps = as_dict(measure())
     cache.write_text(json.dumps(gaps, indent=1) + "\n")
     return gaps
+
+
+def _checkpoint(folder: Path) -> dict:
+    import torch
+
+    return torch.load(folder / "last.pth", map_location="cpu", weights_only=False)
+
+
+def noise_gap(folder: Path, teacher: tuple[str, str], batches) -> dict:
+    """The run's noise gap against ``teacher`` = (name, weight file), cached next to its last.pth."""
+    from diffkd.noise_gap import measure_checkpoint
+
+    def measure():
+        checkpoint = _checkpoint(folder)
+        own_teacher = checkpoint["args"].get("teacher") == teacher[0] and checkpoint["args"].get("method") == "diffkd"
+        fit, test, info = batches()
+        return measure_checkpoint(checkpoint, fit, test, info, teacher=None if own_teacher else teacher)
+
+    return _cached(folder / f"noise-gap-{teacher[0]}.json", measure)
+
+
+def seed_to_seed(folder: Path, other: Path, batches) -> dict:
+    """The run's student against the student of the run in ``other`` (the next seed of the same variant)."""
+    from diffkd.noise_gap import measure_runs
+
+    def measure():
+        fit, test, info = batches()
+        return measure_runs(_checkpoint(folder), _checkpoint(other), fit, test, info)
+
+    return _cached(folder / f"noise-gap-{other.name}.json", measure)
 
 
 def collect(arms: Mapping[str, GapStudy], measure_noise: bool = True) -> dict:
@@ -131,6 +159,9 @@ def collect(arms: Mapping[str, GapStudy], measure_noise: bool = True) -> dict:
                     # every run against its own teacher; the student alone also against the other arm's teacher
                     if measure_noise and file and (other == arm or variant == "none"):
                         entry["noise_gap"][name] = noise_gap(study.runs_dir / run, (name, file), batches)
+                if measure_noise and seed % 2 == 0 and seed + 1 in rows:  # disjoint pairs of seeds: (0, 1), (2, 3)…
+                    entry["noise_gap"][NEXT_SEED] = seed_to_seed(study.runs_dir / run,
+                                                                 study.runs_dir / f"{variant}-seed{seed + 1}", batches)
                 table.setdefault(arm, {}).setdefault(variant, {})[seed] = entry
     return table
 
@@ -182,7 +213,7 @@ def questions(table: Mapping, teachers: Mapping[str, str], compared: Sequence[di
         f"{statistics.mean(alone_main[s] for s in d.seeds):.3f} for {teachers['main']}, "
         f"{statistics.mean(alone_gap[s] for s in d.seeds):.3f} for {teachers['gap']}; difference "
         f"{_interval(d, 3)} over {len(d.seeds)} seed(s)." if d else
-        "Not measured: it needs the student-alone runs and both teachers."))
+        "Not measured: it needs the student-alone runs and both teachers.") + _seed_reference(table))
     gains = next((c for c in compared if c["name"] == "difference of gains (gap − main)"), None)
     lines.append("2. Does DiffKD − MSE grow with the capacity gap? " + (
         f"Gap arm minus main arm, paired by seed: {_interval(gains, 2)} points over {len(gains['seeds'])} seed(s)."
@@ -199,6 +230,16 @@ def questions(table: Mapping, teachers: Mapping[str, str], compared: Sequence[di
         lines.append(f"3. Does γ track the noise gap? Not measured: {len(pairs)} DiffKD run(s) with both numbers "
                      f"(at least 3 with varying values are needed).")
     return lines
+
+
+def _seed_reference(table: Mapping) -> str:
+    """The student-alone seed-to-seed gap, the reference level for the gap to a teacher."""
+    pairs = list(_values(table, "main", "none", _noise(NEXT_SEED)).values())
+    if not pairs:
+        return ""
+    return (f" For reference, two seeds of the student alone leave {statistics.mean(pairs):.3f} of each other's "
+            f"feature unexplained ({len(pairs)} pair(s) of seeds): a gap to a teacher near that level is no larger "
+            f"than what separates two seeds of one recipe.")
 
 
 def _interval(d, digits: int = 2) -> str:
@@ -256,14 +297,16 @@ def render_markdown(table: Mapping, arms: Mapping[str, GapStudy], compared: Sequ
               "1 − R²: the share of the teacher feature's variance on test images that a ridge map from the student's "
               "feature (fitted on training images) leaves unexplained; SNR: explained over residual energy; CKA: "
               "linear CKA (no map fitted). Definitions and limits: diffkd/noise_gap.py. γ: the DiffKD feature "
-              "head's noise-adapter weight, last epoch (1 = no noise added).", "",
+              "head's noise-adapter weight, last epoch (1 = no noise added). Against \"next seed\": the student of "
+              "seed s read out as the student of seed s + 1 (same arm and variant; disjoint pairs, counted in the "
+              "seeds column): what is specific to the seed, the reference level for the gap to a teacher.", "",
               "| arm | variant | against | seeds | raw 1 − R² | raw SNR | raw CKA | DiffKD: projection → denoised "
               "1 − R² | γ feature / logit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in table:
         for variant, entries in table[arm].items():
             gammas = " / ".join(f"{statistics.mean(vs):.3f}" if vs else "–" for vs in (
                 [e["gamma"][h] for e in entries.values() if h in e["gamma"]] for h in ("feature", "logit")))
-            measured = sorted({t for e in entries.values() for t in e["noise_gap"]})
+            measured = sorted({t for e in entries.values() for t in e["noise_gap"]}, key=lambda t: (t == NEXT_SEED, t))
             for teacher in measured or ["–"]:
                 gaps = [e["noise_gap"][teacher] for e in entries.values() if teacher in e["noise_gap"]]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from diffkd.train.checkpoint import as_training_checkpoint, export_student, load_file
+from diffkd.train.checkpoint import as_training_checkpoint, export_student, load_file, read_checkpoint
 from diffkd.train.cli import ALL_DATASETS, ArgumentParser, HelpFormatter, check_task_and_dataset
 from diffkd.train.cli import parse_args as train_parse_args
 from diffkd.train.errors import UsageError
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also how much of the teacher's feature the student's does not explain (diffkd.noise_gap: "
                              "ridge SNR and 1 − R² both ways, linear CKA; per DiffKD head raw, after the projection "
                              "and after denoising), fitted on 10,000 training images, scored on the test set")
+    parser.add_argument("--noise-gap-against", type=path_text, metavar="OTHER.pth",
+                        help="the noise gap against the student of another run's last.pth instead of the teacher, "
+                             "e.g. another seed of the same recipe: what two students do not explain of each other "
+                             "is seed-specific, the reference level for the gap to the teacher (implies --noise-gap)")
     return parser
 
 
@@ -107,6 +111,10 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
     if args.diagnose is not None and (checkpoint is None or not args.evaluate or runtime.distributed):
         raise UsageError("--diagnose takes the last.pth / best.pth of a DiffKD run, in one process, with the test "
                          "pass (without --no-eval)")
+    other_run = read_checkpoint(Path(args.noise_gap_against)) if args.noise_gap_against else None
+    if (args.noise_gap or other_run) and (checkpoint is None or not args.evaluate):
+        raise UsageError("--noise-gap and --noise-gap-against take the last.pth / best.pth of a diffkd run, with the "
+                         "test pass (without --no-eval)")
     if not args.evaluate:
         return None
     settings = _test_settings(args, recorded)
@@ -131,13 +139,13 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict | None:
                           log=runtime.log)
         except ValueError as error:
             raise UsageError(f"--diagnose: {error}") from None
-    if args.noise_gap:
+    if args.noise_gap or other_run:
         from diffkd.noise_gap import checkpoint_report  # the training images load only when asked for
         try:
             runtime.log(checkpoint_report(checkpoint, dataset=settings.dataset, data_dir=settings.data_dir,
-                                          task=task.name, device=runtime.device))
+                                          task=task.name, device=runtime.device, against=other_run))
         except ValueError as error:
-            raise UsageError(f"--noise-gap: {error}") from None
+            raise UsageError(f"--noise-gap{'-against' if other_run else ''}: {error}") from None
     return metrics
 
 

@@ -25,14 +25,20 @@ channels; logits give B vectors):
    is not invariant to arbitrary invertible linear maps: a student that holds the teacher's information in
    rescaled channels scores below 1.  For Z_s = Z_t + σ·N with white Z_t and N, CKA = 1 / (1 + σ²).
 
+3. Seed-to-seed agreement: the same two estimates between the students of two runs (:func:`measure_runs`;
+   ``--noise-gap-against OTHER/last.pth``), e.g. two seeds of one recipe.  What two students of one architecture,
+   trained alike, do not explain of each other is specific to the seed, not missing capacity: the reference level
+   against which a student → teacher gap can be read.  It needs no teacher and assumes nothing of it.  Cannot
+   show: which part of the student → teacher gap is the teacher's own seed-specific part (that needs two teachers).
+
 For a DiffKD run the same estimates are taken per head at three points, so that the chain's own share is
 visible: ``raw`` (the backbone's feature against the teacher's, or the logits), ``projection`` (proj(trans(Z_s)):
 the head's learned maps alone, no noise and no denoising: chain step 0) and ``denoised`` (proj of the trained
 chain's output from the noise-matched input, with fixed noises as in :mod:`diffkd.diagnose`), each against the
 head's target (the teacher feature, or its autoencoder latent).  Everything runs in eval mode without gradient.
 
-``python -m diffkd.eval RUN/last.pth --noise-gap`` prints the table for a run; :func:`measure_checkpoint` is the
-library call.
+``python -m diffkd.eval RUN/last.pth --noise-gap`` prints the table for a run (``--noise-gap-against OTHER.pth``:
+against another run's student); :func:`measure_checkpoint` and :func:`measure_runs` are the library calls.
 """
 from __future__ import annotations
 
@@ -224,6 +230,23 @@ def _model(name: str, info: Mapping, **kwargs) -> tuple[nn.Module, str]:
     return model, default_taps(name, model, (info["in_chans"], info["image_size"], info["image_size"]))[0]
 
 
+def _student(checkpoint: Mapping, info: Mapping) -> tuple[nn.Module, str]:
+    """A training checkpoint's student with its weights, and the module whose output is its feature map."""
+    run_args = checkpoint["args"]
+    student, tap = _model(run_args["student"], info)
+    student.load_state_dict(checkpoint["student"])
+    return student, run_args.get("student_feature") or tap
+
+
+def measure_runs(checkpoint: Mapping, other: Mapping, fit_batches: Iterable, test_batches: Iterable, info: Mapping,
+                 *, device: torch.device | str = "cpu") -> dict[str, PairGap]:
+    """The students of two ``diffkd.train`` checkpoints measured against each other ("feature/raw" and
+    "logit/raw"; ``other``'s student in the teacher's place): the seed-to-seed agreement of the module docstring."""
+    (student, student_tap), (reference, reference_tap) = _student(checkpoint, info), _student(other, info)
+    return measure_models(student, reference, fit_batches, test_batches, feature_taps=(student_tap, reference_tap),
+                          device=device)
+
+
 def measure_checkpoint(checkpoint: Mapping, fit_batches: Iterable, test_batches: Iterable, info: Mapping, *,
                        teacher: tuple[str, str | Path] | None = None, seed: int = 0,
                        device: torch.device | str = "cpu") -> dict[str, PairGap]:
@@ -240,12 +263,10 @@ def measure_checkpoint(checkpoint: Mapping, fit_batches: Iterable, test_batches:
                          f"(teacher=(model, weight file))")
     if weights and not Path(weights).is_file():
         raise ValueError(f"the teacher's weight file {weights} does not exist")
-    student, student_tap = _model(run_args["student"], info)
-    student.load_state_dict(checkpoint["student"])
+    student, student_tap = _student(checkpoint, info)
     teacher_model, teacher_tap = _model(name, info, checkpoint=weights,
                                         pretrained=not weights and bool(run_args.get("teacher_pretrained")))
-    taps = (run_args.get("student_feature") or student_tap,
-            (run_args.get("teacher_feature") if teacher is None else None) or teacher_tap)
+    taps = (student_tap, (run_args.get("teacher_feature") if teacher is None else None) or teacher_tap)
     return measure_models(student, teacher_model, fit_batches, test_batches, feature_taps=taps, seed=seed,
                           device=device)
 
@@ -267,26 +288,33 @@ def as_dict(gaps: Mapping[str, PairGap]) -> dict[str, dict]:
     return {name: asdict(gap) for name, gap in gaps.items()}
 
 
-def format_table(gaps: Mapping[str, PairGap]) -> str:
-    """One row per measured point: both ridge directions (SNR, 1 − R²) and CKA."""
+def format_table(gaps: Mapping[str, PairGap], reference: str = "the teacher's") -> str:
+    """One row per measured point: both ridge directions (SNR, 1 − R²) and CKA; t is ``reference``."""
     lines = [f"{'point':<20} {'s→t SNR':>9} {'s→t 1−R²':>9} {'t→s SNR':>9} {'t→s 1−R²':>9} {'CKA':>6} "
              f"{'fit / test samples':>20}"]
     for name, gap in gaps.items():
         s2t, t2s = gap.student_to_teacher, gap.teacher_to_student
         lines.append(f"{name:<20} {s2t.snr:>9.3f} {s2t.one_minus_r2:>9.3f} {t2s.snr:>9.3f} {t2s.one_minus_r2:>9.3f} "
                      f"{gap.cka:>6.3f} {f'{gap.fit_samples} / {gap.test_samples}':>20}")
-    lines.append("(s→t: the student's feature read out linearly as the teacher's; samples: one per image and spatial "
-                 "position)")
+    lines.append(f"(s→t: the student's feature read out linearly as {reference}; samples: one per image and "
+                 f"spatial position)")
     return "\n".join(lines)
 
 
 def checkpoint_report(checkpoint: Mapping | None, *, dataset: str, data_dir: str | None, task: str,
-                      device: torch.device | str = "cpu") -> str:
+                      device: torch.device | str = "cpu", against: Mapping | None = None) -> str:
     """The table ``python -m diffkd.eval RUN/last.pth --noise-gap`` prints: the run's student against its
-    teacher, fitted on the first FIT_IMAGES training images and scored on the test images."""
+    teacher, or against the student of the run ``against`` (a training checkpoint), fitted on the first
+    FIT_IMAGES training images and scored on the test images."""
     if checkpoint is None:
         raise ValueError("it needs the last.pth / best.pth of a diffkd run (its settings name the teacher)")
     if task != "classification":
         raise ValueError(f"it measures classifiers' features and logits; this run is {task}")
+    if against is not None and against["args"].get("dataset") != dataset:
+        raise ValueError(f"the other run was trained on {against['args'].get('dataset')}, this one is tested on "
+                         f"{dataset}: compare runs of one dataset")
     fit, test, info = measurement_batches(dataset, data_dir)
-    return format_table(measure_checkpoint(checkpoint, fit, test, info, device=device))
+    if against is None:
+        return format_table(measure_checkpoint(checkpoint, fit, test, info, device=device))
+    return format_table(measure_runs(checkpoint, against, fit, test, info, device=device),
+                        reference="the other run's student's")

@@ -160,3 +160,23 @@ def test_report_answers_only_what_was_measured(tmp_path):
     assert "3. Does γ track the noise gap? Not measured" in markdown
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert payload["runs"]["main"]["kd"]["0"]["provenance"][0]["threads"] == 1
+
+
+def test_report_pairs_seeds_for_the_seed_to_seed_reference(tmp_path, monkeypatch):
+    argv = _args(tmp_path, "--teacher-ckpt", str(_teacher(tmp_path)), "--seeds", "0-2", "--more-seeds", "",
+                 "--gap-seeds", "", "--ablations", "")
+    assert bench.main(argv, train=FakeTrainer(), evaluate=_exporter) == 0
+
+    def gaps(one_minus_r2):
+        return {"feature/raw": {"student_to_teacher": {"one_minus_r2": one_minus_r2, "snr": 1.0}, "cka": 0.5}}
+
+    paired = []
+    monkeypatch.setattr(report, "noise_gap", lambda folder, teacher, batches: gaps(0.4))
+    monkeypatch.setattr(report, "seed_to_seed", lambda folder, other, batches: paired.append(
+        (folder.name, other.name)) or gaps(0.25))
+    markdown = report.write(tmp_path / "work", tmp_path / "report" / "gap")
+    # disjoint pairs: seed 2 has no seed 3 yet, and seed 1 is already paired with seed 0
+    assert sorted(paired) == sorted((f"{v}-seed0", f"{v}-seed1") for v in ("none", "kd", "mse", "diffkd"))
+    assert "| main | none | resnet14 | 3 | 0.400 |" in markdown and "| main | none | next seed | 1 | 0.250 |" in markdown
+    assert markdown.index("| main | none | resnet14 |") < markdown.index("| main | none | next seed |")
+    assert "two seeds of the student alone leave 0.250 of each other's feature unexplained (1 pair(s)" in markdown

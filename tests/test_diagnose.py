@@ -144,3 +144,18 @@ def test_eval_diagnose_prints_the_tables_and_writes_the_report(trained_run, data
         "nfe-diagnosis.csv", "nfe-diagnosis.json", "nfe-diagnosis.png"]
     code, _, err = run_cli(diffkd_eval, [path, "--diagnose", "--no-eval", "--threads", 1], capsys)
     assert code == 2 and "--diagnose takes the last.pth / best.pth of a DiffKD run" in err
+
+
+def test_eval_noise_gap_against_another_run_and_its_refusals(trained_run, data_dir, tmp_path, capsys):  # noqa: F811
+    path = trained_run[3]
+    code, out, err = run_cli(diffkd_eval, [path, "--noise-gap-against", path, "--data-dir", data_dir, "--threads", 1],
+                             capsys)
+    assert code == 0, err
+    assert "read out linearly as the other run's student's" in out
+    feature = next(line.split() for line in out.splitlines() if line.startswith("feature/raw"))
+    assert float(feature[2]) < 1e-3 and float(feature[5]) == pytest.approx(1.0, abs=1e-3)  # a run against itself
+    assert "feature/denoised" not in out  # students only: the heads belong to the teacher comparison
+    code, _, err = run_cli(diffkd_eval, [path, "--noise-gap-against", tmp_path / "missing.pth"], capsys)
+    assert code == 2 and "no checkpoint at" in err
+    code, _, err = run_cli(diffkd_eval, [path, "--noise-gap", "--no-eval"], capsys)
+    assert code == 2 and "without --no-eval" in err

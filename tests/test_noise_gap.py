@@ -101,3 +101,25 @@ def test_a_run_without_teacher_is_measured_against_a_named_one(tmp_path):
         checkpoint_report(None, dataset="fashion-mnist", data_dir=None, task="classification")
     with pytest.raises(ValueError, match="detection"):
         checkpoint_report(checkpoint, dataset="fashion-scenes", data_dir=None, task="detection")
+
+
+def test_two_runs_students_are_measured_against_each_other():
+    from diffkd.models import create_model
+    from diffkd.noise_gap import checkpoint_report, measure_runs
+
+    torch.manual_seed(0)
+    runs = [{"args": {"method": "none", "student": name, "dataset": "fashion-mnist"},
+             "student": create_model(name, num_classes=10, in_chans=1).state_dict()}
+            for name in ("resnet8", "resnet8", "resnet14")]
+    info = {"num_classes": 10, "in_chans": 1, "image_size": 28}
+    images = [(torch.randn(16, 1, 28, 28),) for _ in range(2)]
+    itself = measure_runs(runs[0], runs[0], images, images, info)
+    assert set(itself) == {"feature/raw", "logit/raw"}
+    assert itself["feature/raw"].student_to_teacher.one_minus_r2 < 1e-4  # no more than the ridge penalty's shrinkage
+    assert itself["feature/raw"].cka == pytest.approx(1.0)
+    other_seed = measure_runs(runs[0], runs[1], images, images, info)
+    assert other_seed["feature/raw"].student_to_teacher.one_minus_r2 > 1e-3
+    assert measure_runs(runs[0], runs[2], images, images, info)["feature/raw"].fit_samples == 32 * 49
+    with pytest.raises(ValueError, match="trained on cifar100, this one is tested on fashion-mnist"):
+        checkpoint_report(runs[0], dataset="fashion-mnist", data_dir=None, task="classification",
+                          against={**runs[1], "args": {**runs[1]["args"], "dataset": "cifar100"}})
