@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """One CPU thread in every test, also for a CLI run in-process without --threads (its default is
+    $OMP_NUM_THREADS), and restored afterwards: a test that leaves two threads makes every later test run an
+    OpenMP pool that spins, which on a busy 2-core machine made the suite several times slower."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Fresh random inputs per test, reproducible from the test's name."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

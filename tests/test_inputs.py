@@ -19,7 +19,7 @@ from diffkd.train import build as train_build
 from diffkd.train import demo as train_demo
 from diffkd.train import runs as train_runs
 from diffkd.train.cli import parse_args
-from train_cli import REPO, assert_clean_failure, common, data_dir, one_thread, run_cli  # noqa: F401
+from train_cli import REPO, assert_clean_failure, common, data_dir, run_cli  # noqa: F401
 
 @pytest.fixture
 def nothing_is_built(monkeypatch):

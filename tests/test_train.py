@@ -15,7 +15,7 @@ from diffkd.models import create_model, load_checkpoint
 from diffkd.train.build import lr_factor_schedule
 from diffkd.train.cli import build_parser, parse_args
 from diffkd.train.demo import CACHE_ENV
-from train_cli import (REPO, assert_clean_failure, common, data_dir, distill, one_thread, read_summary,  # noqa: F401
+from train_cli import (REPO, assert_clean_failure, common, data_dir, distill, read_summary,  # noqa: F401
                        run_cli, teacher_ckpt)
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

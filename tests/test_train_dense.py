@@ -10,7 +10,7 @@ from PIL import Image
 
 from diffkd import eval as diffkd_eval
 from diffkd import train
-from train_cli import assert_clean_failure, data_dir, one_thread, read_summary, run_cli  # noqa: F401
+from train_cli import assert_clean_failure, data_dir, read_summary, run_cli  # noqa: F401
 
 DETECTOR, SEGMENTER = "fasterrcnn_resnet18_fpn", "lraspp_mobilenet_v3_large"
 

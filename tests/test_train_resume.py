@@ -14,7 +14,7 @@ from diffkd import train
 from diffkd.distill import Distiller
 from diffkd.train import loop
 from diffkd.train.tasks import ClassificationTask
-from train_cli import (assert_clean_failure, common, data_dir, distill, one_thread, read_summary,  # noqa: F401
+from train_cli import (assert_clean_failure, common, data_dir, distill, read_summary,  # noqa: F401
                        run_cli, teacher_ckpt)
 
 TIMING = {"epoch_time_s", "images_per_s"}
