@@ -20,8 +20,9 @@ The plan runs in that order (the issue's priority: main arm, gap arm, ablations)
 teachers: ``--teacher-ckpt`` / ``--gap-teacher-ckpt`` weight files, or trained once by this script with its own
 recipe (``--teacher-epochs`` / ``--gap-teacher-epochs`` on all training images, seed 0, the students' optimiser
 settings) and kept in the work folder.  The deeper resnet56 needs more epochs than resnet14 to be the better teacher:
-after 3 epochs it reached 90.12% against resnet14's 91.24%, so its default is 6.  Every run is ``python -m diffkd.train`` in a subprocess (``--jobs`` at a time, one thread each) with its
-own folder; a finished run is never redone and an interrupted one resumes (benchmarks/bench_accuracy.py's Study).
+after 3 epochs it reached 90.12% against resnet14's 91.24%, so its default is 6.  Every run is
+``python -m diffkd.train`` in a subprocess (``--jobs`` at a time, one thread each) with its own folder; a finished
+run is never redone and an interrupted one resumes (benchmarks/bench_accuracy.py's Study).
 Each launch records its provenance in the run folder (provenance.json: command, precision, threads, CPU model,
 torch version, commit, the teacher file's SHA-256).  After each stage the report (benchmarks/gap_report.py) is
 rewritten from every finished run: top-1 with paired 95% intervals, γ, and the noise gap of each run's last.pth

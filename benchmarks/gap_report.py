@@ -4,10 +4,10 @@ Per run: test top-1, γ of the DiffKD heads (the last epoch's training mean, sum
 student's feature to its teacher's (:mod:`diffkd.noise_gap`, measured here from the run's last.pth on
 NOISE_IMAGES training and NOISE_IMAGES test images, cached as noise-gap-<teacher>.json in the run folder), for
 even seeds s the same between the students of seeds s and s + 1 (the seed-to-seed reference level, cached as
-noise-gap-<variant>-seed<s + 1>.json) and the provenance of its launches.  The paired comparisons (seed-matched differences with 95% t-intervals, from
-benchmarks/bench_accuracy.py) are one family: their p-values get Holm's correction over the number of comparisons
-that have at least two seeds, and the report says how many that is.  The questions of the issue are answered only
-where runs exist; otherwise the report says "not measured".
+noise-gap-<variant>-seed<s + 1>.json) and the provenance of its launches.  The paired comparisons (seed-matched
+differences with 95% t-intervals, from benchmarks/bench_accuracy.py) are one family: their p-values get Holm's
+correction over the number of comparisons that have at least two seeds, and the report says how many that is.
+The questions of the issue are answered only where runs exist; otherwise the report says "not measured".
 
     python benchmarks/gap_report.py --work-dir output/bench-gap --out benchmarks/results/gap-fashion-mnist
 """
