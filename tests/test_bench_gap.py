@@ -180,3 +180,22 @@ def test_report_pairs_seeds_for_the_seed_to_seed_reference(tmp_path, monkeypatch
     assert "| main | none | resnet14 | 3 | 0.400 |" in markdown and "| main | none | next seed | 1 | 0.250 |" in markdown
     assert markdown.index("| main | none | resnet14 |") < markdown.index("| main | none | next seed |")
     assert "two seeds of the student alone leave 0.250 of each other's feature unexplained (1 pair(s)" in markdown
+
+
+def test_gamma_is_compared_across_teachers_by_seed_and_correlated_only_within_an_arm():
+    def run(gamma, one_minus_r2, teacher):
+        return {"top1": 89.0, "gamma": {"feature": gamma},
+                "noise_gap": {teacher: {report.NOISE_POINT: {"student_to_teacher": {"one_minus_r2": one_minus_r2}}}}}
+
+    teachers = {"main": "resnet14", "gap": "resnet56"}
+    # Within each arm γ rises with the noise gap; across arms it falls as the gap grows.  Pooling would mix the two.
+    table = {"main": {"diffkd": {s: run(0.992 + 0.001 * s, 0.36 + 0.01 * s, "resnet14") for s in range(3)}},
+             "gap": {"diffkd": {s: run(0.989 + 0.001 * s, 0.42 + 0.01 * s, "resnet56") for s in range(2)}}}
+    answer = report._gamma_answer(table, teachers)
+    assert "paired by seed (2 seed(s))" in answer
+    assert "1 − R² to its teacher changes by +0.060" in answer and "γ by -0.0030" in answer
+    assert "Within the main arm, Pearson r = +1.00" in answer and "over 3 runs" in answer
+    assert "Within the gap arm" not in answer  # two runs are too few for a correlation
+    no_common_seed = {"main": table["main"], "gap": {"diffkd": {7: table["gap"]["diffkd"][0]}}}
+    assert "paired by seed" not in report._gamma_answer(no_common_seed, teachers)
+    assert report._gamma_answer({"main": {"diffkd": {}}}, {"main": "resnet14"}).startswith("Not measured: 0 DiffKD")
