@@ -226,25 +226,27 @@ def _gamma_answer(table: Mapping, teachers: Mapping[str, str]) -> str:
     """Question 3.  Within one arm the noise gap hardly varies, and runs pooled over both arms mix the teacher change
     into any correlation, so the across-teacher answer pairs each seed's DiffKD run in the gap arm with the same
     seed's run in the main arm."""
-    runs = {arm: {seed: (entry["gamma"].get("feature"), _noise(teacher)(entry))
-                  for seed, entry in table.get(arm, {}).get("diffkd", {}).items()} for arm, teacher in teachers.items()}
-    runs = {arm: {s: pair for s, pair in by_seed.items() if None not in pair} for arm, by_seed in runs.items()}
+    gammas, noises = {}, {}
+    for arm, teacher in teachers.items():
+        gamma = _values(table, arm, "diffkd", lambda e: e["gamma"].get("feature"))
+        noise = _values(table, arm, "diffkd", _noise(teacher))
+        gammas[arm] = {s: gamma[s] for s in sorted(gamma.keys() & noise.keys())}
+        noises[arm] = {s: noise[s] for s in gammas[arm]}
     parts = []
-    if "gap" in runs:
-        noise, gamma = (paired_difference({s: v[i] for s, v in runs["gap"].items()},
-                                          {s: v[i] for s, v in runs.get("main", {}).items()}) for i in (1, 0))
-        if noise is not None:
-            parts.append(f"With {teachers['gap']} instead of {teachers['main']}, paired by seed "
-                         f"({len(noise.seeds)} seed(s)), the DiffKD student's 1 − R² to its teacher changes by "
-                         f"{_interval(noise, 3)} and the feature head's γ by {_interval(gamma, 4)} (γ below 1: the "
-                         f"head mixes noise into the student's feature before denoising; a falling γ means more).")
-    for arm, by_seed in runs.items():
-        gammas, noises = [g for g, _ in by_seed.values()], [n for _, n in by_seed.values()]
-        if len(by_seed) >= 3 and len(set(gammas)) > 1 and len(set(noises)) > 1:
-            parts.append(f"Within the {arm} arm, Pearson r = {statistics.correlation(gammas, noises):+.2f} between "
-                         f"γ and 1 − R² over {len(by_seed)} runs (exploratory; γ {min(gammas):.3f}–{max(gammas):.3f}).")
+    noise = paired_difference(noises["gap"], noises.get("main", {})) if "gap" in teachers else None
+    if noise is not None:
+        gamma = paired_difference(gammas["gap"], gammas["main"])
+        parts.append(f"With {teachers['gap']} instead of {teachers['main']}, paired by seed "
+                     f"({len(noise.seeds)} seed(s)), the DiffKD student's 1 − R² to its teacher changes by "
+                     f"{_interval(noise, 3)} and the feature head's γ by {_interval(gamma, 4)} (γ below 1: the "
+                     f"head mixes noise into the student's feature before denoising; a falling γ means more).")
+    for arm in teachers:
+        g, n = list(gammas[arm].values()), list(noises[arm].values())
+        if len(g) >= 3 and len(set(g)) > 1 and len(set(n)) > 1:
+            parts.append(f"Within the {arm} arm, Pearson r = {statistics.correlation(g, n):+.2f} between "
+                         f"γ and 1 − R² over {len(g)} runs (exploratory; γ {min(g):.3f}–{max(g):.3f}).")
     if not parts:
-        count = sum(len(by_seed) for by_seed in runs.values())
+        count = sum(len(by_seed) for by_seed in gammas.values())
         return (f"Not measured: {count} DiffKD run(s) with both numbers (it needs the same seed in both arms, or at "
                 f"least 3 runs with varying values in one arm).")
     return " ".join(parts)
