@@ -132,6 +132,13 @@ def test_bad_flags_are_refused():
     assert bench._seeds("0-2,5") == (0, 1, 2, 5)
 
 
+def test_every_ablation_is_compared_and_every_comparison_names_a_study_run():
+    compared = {(arm, v) for _, arm_a, a, arm_b, b, _ in report.COMPARISONS for arm, v in ((arm_a, a), (arm_b, b))}
+    assert {v for _, v in compared} >= set(bench.ABLATIONS)
+    assert all(v in bench.ARMS[arm][1] or (arm == "main" and v in bench.ABLATIONS) for arm, v in compared)
+    assert len({c[0] for c in report.COMPARISONS}) == len(report.COMPARISONS)
+
+
 def test_holm_adjusts_in_order_and_caps_at_one():
     assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert report.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
