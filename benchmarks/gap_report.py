@@ -355,11 +355,13 @@ def render_markdown(table: Mapping, arms: Mapping[str, GapStudy], compared: Sequ
 
 
 def plot(compared: Sequence[dict], meta: Mapping, teachers: Mapping[str, str], path: Path) -> None:
-    """The paper's comparisons, DiffKD − MSE first: each seed as a point, the mean with its 95% CI, a zero line."""
+    """The paper's comparisons, DiffKD − MSE first, then the rest of the report's below a line: each seed as a
+    point, the mean with its 95% CI, a zero line."""
     from diffkd.plots import plt
 
-    rows = [c for name in CHART_ROWS for c in compared if c["name"] == name]
-    figure, axis = plt.subplots(figsize=(9, 1.0 + 0.75 * max(len(rows), 1)), dpi=110)
+    headline = [c for name in CHART_ROWS for c in compared if c["name"] == name]
+    rows = headline + [c for c in compared if c["name"] not in CHART_ROWS]
+    figure, axis = plt.subplots(figsize=(9, 1.0 + 0.6 * max(len(rows), 1)), dpi=110)
     single_labelled = False
     for position, c in enumerate(rows):
         y = len(rows) - 1 - position
@@ -376,6 +378,8 @@ def plot(compared: Sequence[dict], meta: Mapping, teachers: Mapping[str, str], p
                          label=None if single_labelled else "mean (one seed: no interval)")
             single_labelled = True
     axis.axvline(0, color="grey", linewidth=1, zorder=1, label="no difference")
+    if headline and len(rows) > len(headline):
+        axis.axhline(len(rows) - len(headline) - 0.5, color="grey", linestyle="--", linewidth=0.8, zorder=1)
     axis.set_yticks(range(len(rows)), [f"{c['name']}  (n = {len(c['seeds'])})" for c in reversed(rows)])
     axis.set_ylim(-0.7, len(rows) - 0.3)
     axis.set_xlabel("Δ test top-1 (percentage points)")
