@@ -194,9 +194,9 @@ def comparisons(table: Mapping) -> list[dict]:
     """Every comparison with data: paired difference, CI, per-seed values, p and Holm's adjusted p."""
     out = []
     for name, arm_a, a, arm_b, b, question in COMPARISONS:
-        d = paired_difference(_values(table, arm_a, a), _values(table, arm_b, b))
+        values_a, values_b = _values(table, arm_a, a), _values(table, arm_b, b)
+        d = paired_difference(values_a, values_b)
         if d is not None:
-            values_a, values_b = _values(table, arm_a, a), _values(table, arm_b, b)
             out.append({"name": name, "question": question, **asdict(d),
                         "per_seed": {s: values_a[s] - values_b[s] for s in d.seeds}})
     main_gain = {s: v for s, v in (next((c["per_seed"] for c in out if c["name"] == "DiffKD − MSE, main"), {})).items()}
